@@ -1,0 +1,6 @@
+"""Models: the MMDiT backbone, the APT discriminator, checkpoint-directory loading."""
+
+from megatron_apt.models.io import build_mmdit, load_mmdit, save_mmdit
+from megatron_apt.models.mmdit import MMDiT, count_parameters
+
+__all__ = ["MMDiT", "build_mmdit", "count_parameters", "load_mmdit", "save_mmdit"]

@@ -1,0 +1,88 @@
+"""The one place where parallelism is applied to a model (the model files hold none)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_apt.parallel.state import ParallelDims, current_dims
+from megatron_apt.utils import get_logger
+
+log = get_logger("megatron_apt.parallel")
+
+
+def _checkpointed_forward(orig, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(orig, *args, use_reentrant=False, **kwargs)
+    return orig(*args, **kwargs)
+
+
+def apply_activation_checkpointing(blocks) -> int:
+    """Recompute each block in the backward pass (keeps parameter names unchanged)."""
+    n = 0
+    for block in blocks:
+        if getattr(block, "_apt_checkpointed", False):
+            continue
+        block.forward = functools.partial(_checkpointed_forward, block.forward)
+        block._apt_checkpointed = True
+        n += 1
+    return n
+
+
+def check_heads(num_heads: int, dims: ParallelDims) -> None:
+    if num_heads % (dims.tp * dims.sp):
+        raise ValueError(
+            f"{num_heads} attention heads are not divisible by tp x sp = {dims.tp} x {dims.sp}; "
+            "choose tensor- and sequence-parallel sizes whose product divides the head count"
+        )
+
+
+def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *, activation_checkpointing: bool = False,
+                      compile: bool = False, extra_blocks=()) -> nn.Module:
+    """Apply tensor parallel, Ulysses sequence parallel, activation checkpointing and torch.compile.
+
+    `dims` defaults to the layout of the initialised process groups. Works for the MMDiT and for anything
+    that holds one as `.backbone` (the APT discriminator, the generator); `extra_blocks` are further
+    modules to checkpoint. The model is changed in place and returned.
+    """
+    from megatron_apt.models.mmdit import MMDiT
+
+    dims = dims or current_dims()
+    backbone = model if isinstance(model, MMDiT) else getattr(model, "backbone", None)
+    if not isinstance(backbone, MMDiT):
+        raise TypeError(f"parallelize_mmdit needs an MMDiT or a module with an MMDiT .backbone, got {type(model).__name__}")
+    cfg = backbone.config
+    check_heads(cfg.num_heads, dims)
+    applied = []
+    if dims.tp > 1:
+        from megatron_apt.parallel.state import tp_group
+        from megatron_apt.parallel.tensor_parallel import apply_tensor_parallel
+
+        n = apply_tensor_parallel(backbone.blocks, dims.tp, dist.get_rank(tp_group()))
+        applied.append(f"tensor parallel {dims.tp} ({n} layers -> megatron-core Column/RowParallelLinear)")
+    if dims.sp > 1:
+        from megatron_apt.parallel.sequence_parallel import SPSequenceGather, SPSequenceShard, UlyssesAttentionCore
+        from megatron_apt.parallel.state import sp_group
+
+        g = sp_group()
+        backbone.seq_shard = SPSequenceShard(g)
+        backbone.seq_gather = SPSequenceGather(g)
+        for block in backbone.blocks:
+            block.attn.core = UlyssesAttentionCore(g)
+        if hasattr(model, "enable_sequence_parallel"):
+            model.enable_sequence_parallel(g)
+        applied.append(f"sequence parallel {dims.sp} (Ulysses all-to-all, {len(backbone.blocks)} attention cores)")
+    if activation_checkpointing:
+        n = apply_activation_checkpointing(list(backbone.blocks) + list(extra_blocks))
+        applied.append(f"activation checkpointing ({n} blocks)")
+    if compile:
+        for block in backbone.blocks:
+            block.compile()
+        applied.append("torch.compile per block")
+    model._apt_parallel_dims = dims
+    log.info("parallelize %s: %s", type(model).__name__, "; ".join(applied) if applied else "nothing (single rank)")
+    return model
