@@ -58,6 +58,9 @@ class MMDiTConfig:
     """Width of the sinusoidal timestep features."""
     last_block_context_pre_only: bool = True
     """The last block only reads the text stream (SD3): its text outputs would never be used."""
+    keep_unused_text_query: bool = False
+    """SD3 checkpoints hold a text query projection (and its norm) in the last block whose output is never
+    used; keep those tensors (unused) so such checkpoints round-trip bit-exactly. Off for native models."""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
@@ -181,7 +184,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "8b": _preset(in_channels=16, hidden_size=3072, num_layers=36, num_heads=24, text_dim=4096, pooled_dim=0),
     "sd3.5-large": _preset(in_channels=16, hidden_size=2432, num_layers=38, num_heads=38, text_dim=4096,
                            pooled_dim=2048, patch_size=(1, 2, 2), adaln="per_block", pos_embed="sincos2d",
-                           pos_embed_max_size=192, pos_embed_base_size=64, qk_norm=True),
+                           pos_embed_max_size=192, pos_embed_base_size=64, qk_norm=True,
+                           keep_unused_text_query=True),
 }
 
 

@@ -48,6 +48,11 @@ def _sdpa_context(device: torch.device):
     return sdpa_kernel(order, set_priority=True) if _BACKEND == "auto" else sdpa_kernel(order)
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to float32 for numerically sensitive math; float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over [B, L, H, Dh] tensors; key_mask [B, Lk] bool (True = attend)."""
     if (
@@ -71,12 +76,12 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ma
     attentions over key shards (the discriminator heads under sequence parallel). Plain PyTorch: the
     query length here is 1, so the scores are tiny."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", upcast(q), upcast(k)) * scale
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Lq]
     probs = torch.exp(scores - lse[..., None])
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, upcast(v).to(probs.dtype))
     return out.to(q.dtype), lse
 
 
@@ -90,9 +95,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weight if weight is None else weight
-        xf = x.float()
+        xf = upcast(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * w.float()).to(x.dtype)
+        return (xf * w.to(xf.dtype)).to(x.dtype)
 
 
 def rope_3d(grid: tuple[int, int, int], axes_dim: tuple[int, int, int], theta: float,
@@ -117,7 +122,8 @@ def rope_3d(grid: tuple[int, int, int], axes_dim: tuple[int, int, int], theta: f
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of x [B, L, H, Dh] by the angles in cos/sin [L, Dh/2]."""
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = upcast(x).unflatten(-1, (-1, 2))
+    cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
     x0, x1 = xf[..., 0], xf[..., 1]
     c = cos[None, :, None, :]
     s = sin[None, :, None, :]

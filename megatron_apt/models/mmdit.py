@@ -34,12 +34,13 @@ class AttentionCore(nn.Module):
     """Joint attention over [visual, text] tokens; inputs and outputs are [B, L, H, Dh]."""
 
     def forward(self, xq, xk, xv, cq, ck, cv, key_mask):
+        """cq is None when the text stream's outputs are not needed (a context-pre-only block)."""
         lx = xq.shape[1]
-        q = torch.cat([xq, cq], dim=1)
+        q = xq if cq is None else torch.cat([xq, cq], dim=1)
         k = torch.cat([xk, ck], dim=1)
         v = torch.cat([xv, cv], dim=1)
         out = attention(q, k, v, key_mask)
-        return out[:, :lx], out[:, lx:]
+        return out[:, :lx], (None if cq is None else out[:, lx:])
 
 
 class SequenceShard(nn.Module):
@@ -63,8 +64,9 @@ class SequenceGather(nn.Module):
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features [cos | sin] of t (already scaled), as diffusers' flip_sin_to_cos=True, shift 0."""
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = t.float()[:, None] * torch.exp(exponent)[None, :]
+    tf = t.double() if t.dtype == torch.float64 else t.float()
+    exponent = -math.log(max_period) * torch.arange(half, dtype=tf.dtype, device=t.device) / half
+    args = tf[:, None] * torch.exp(exponent)[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
@@ -121,12 +123,16 @@ class JointAttention(nn.Module):
         self.head_dim = hd
         self.context_pre_only = context_pre_only
         self.x_q, self.x_k, self.x_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.c_q, self.c_k, self.c_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        # a context-pre-only block needs no text queries (SD3 checkpoints still carry them, unused)
+        need_cq = not context_pre_only or cfg.keep_unused_text_query
+        self.c_q = nn.Linear(d, d) if need_cq else None
+        self.c_k, self.c_v = nn.Linear(d, d), nn.Linear(d, d)
         self.x_out = nn.Linear(d, d)
         self.c_out = None if context_pre_only else nn.Linear(d, d)
         if cfg.qk_norm:
             self.x_norm_q, self.x_norm_k = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
-            self.c_norm_q, self.c_norm_k = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
+            self.c_norm_q = RMSNorm(hd, cfg.norm_eps) if need_cq else None
+            self.c_norm_k = RMSNorm(hd, cfg.norm_eps)
         else:
             self.x_norm_q = self.x_norm_k = self.c_norm_q = self.c_norm_k = None
         self.core = AttentionCore()
@@ -136,10 +142,12 @@ class JointAttention(nn.Module):
 
     def forward(self, x, c, cos, sin, key_mask):
         xq, xk, xv = self._heads(self.x_q(x)), self._heads(self.x_k(x)), self._heads(self.x_v(x))
-        cq, ck, cv = self._heads(self.c_q(c)), self._heads(self.c_k(c)), self._heads(self.c_v(c))
+        ck, cv = self._heads(self.c_k(c)), self._heads(self.c_v(c))
+        cq = None if self.context_pre_only else self._heads(self.c_q(c))
         if self.x_norm_q is not None:
             xq, xk = self.x_norm_q(xq), self.x_norm_k(xk)
-            cq, ck = self.c_norm_q(cq), self.c_norm_k(ck)
+            ck = self.c_norm_k(ck)
+            cq = None if cq is None else self.c_norm_q(cq)
         if cos is not None:
             xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
         xo, co = self.core(xq, xk, xv, cq, ck, cv, key_mask)

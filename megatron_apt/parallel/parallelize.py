@@ -65,7 +65,12 @@ def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *, act
         n = apply_tensor_parallel(backbone.blocks, dims.tp, dist.get_rank(tp_group()))
         applied.append(f"tensor parallel {dims.tp} ({n} layers -> megatron-core Column/RowParallelLinear)")
     if dims.sp > 1:
-        from megatron_apt.parallel.sequence_parallel import SPSequenceGather, SPSequenceShard, UlyssesAttentionCore
+        from megatron_apt.parallel.sequence_parallel import (
+            SPHeadAttentionCore,
+            SPSequenceGather,
+            SPSequenceShard,
+            UlyssesAttentionCore,
+        )
         from megatron_apt.parallel.state import sp_group
 
         g = sp_group()
@@ -73,9 +78,11 @@ def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *, act
         backbone.seq_gather = SPSequenceGather(g)
         for block in backbone.blocks:
             block.attn.core = UlyssesAttentionCore(g)
-        if hasattr(model, "enable_sequence_parallel"):
-            model.enable_sequence_parallel(g)
-        applied.append(f"sequence parallel {dims.sp} (Ulysses all-to-all, {len(backbone.blocks)} attention cores)")
+        heads = list(getattr(model, "heads", []))  # the discriminator's cross-attention heads
+        for head in heads:
+            head.core = SPHeadAttentionCore(g)
+        applied.append(f"sequence parallel {dims.sp} (Ulysses all-to-all, {len(backbone.blocks)} attention cores"
+                       + (f", {len(heads)} discriminator heads with a cross-rank softmax)" if heads else ")"))
     if activation_checkpointing:
         n = apply_activation_checkpointing(list(backbone.blocks) + list(extra_blocks))
         applied.append(f"activation checkpointing ({n} blocks)")

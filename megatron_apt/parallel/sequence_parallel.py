@@ -30,12 +30,14 @@ class UlyssesAttentionCore(nn.Module):
         g = self.group
         # sequence-split -> head-split (scatter heads dim 2, gather tokens dim 1)
         xq, xk, xv = (comm.all_to_all(t, 2, 1, g) for t in (xq, xk, xv))
-        cq, ck, cv = (comm.all_to_all(t, 2, 1, g) for t in (cq, ck, cv))
+        ck, cv = (comm.all_to_all(t, 2, 1, g) for t in (ck, cv))
         lx = xq.shape[1]
-        q, k, v = torch.cat([xq, cq], 1), torch.cat([xk, ck], 1), torch.cat([xv, cv], 1)
+        q = xq if cq is None else torch.cat([xq, comm.all_to_all(cq, 2, 1, g)], 1)
+        k, v = torch.cat([xk, ck], 1), torch.cat([xv, cv], 1)
         out = attention(q, k, v, key_mask)
-        xo, co = out[:, :lx], out[:, lx:]
-        return comm.all_to_all(xo, 1, 2, g), comm.all_to_all(co, 1, 2, g)
+        xo = comm.all_to_all(out[:, :lx], 1, 2, g)
+        co = None if cq is None else comm.all_to_all(out[:, lx:], 1, 2, g)
+        return xo, co
 
 
 class SPSequenceShard(nn.Module):
@@ -91,3 +93,21 @@ class SPSequenceGather(nn.Module):
 
     def forward(self, x_tokens):
         return comm.gather(x_tokens, 1, self.group)
+
+
+class SPHeadAttentionCore(nn.Module):
+    """The discriminator heads' attention when the visual tokens are split across ranks: each rank attends
+    over its tokens, then the partial softmaxes are merged by their log-sum-exp (as flash-decoding merges
+    key blocks), so the softmax spans every rank's tokens. Only [B, H] scalars and one token move."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, q, k, v):
+        from megatron_apt.models.attention import attention_with_lse
+
+        out, lse = attention_with_lse(q, k, v)  # [B, 1, H, Dh], [B, H, 1]
+        lse_all = comm.gather(lse.unsqueeze(0), 0, self.group)  # [sp, B, H, 1]
+        weight = torch.exp(lse - torch.logsumexp(lse_all, dim=0))  # this rank's share of the softmax mass
+        return comm.all_reduce(out * weight.transpose(1, 2)[..., None].to(out.dtype), self.group)

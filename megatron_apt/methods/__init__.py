@@ -1,0 +1,1 @@
+"""Training methods: flow matching, consistency distillation, adversarial post-training."""
