@@ -89,17 +89,29 @@ def _rep(v, n):
     return None if v is None else torch.cat([v] * n, dim=0)
 
 
+def _reduce(v: torch.Tensor, reduction: str) -> torch.Tensor:
+    return v.sum() if reduction == "sum" else v.mean()
+
+
 def discriminator_loss(D, G, x, text, text_mask=None, pooled=None, *, cfg: APTConfig,
-                       generator: torch.Generator | None = None, z: torch.Tensor | None = None):
-    """L_D of Eq. 10 for one micro-batch; G runs under no_grad. Returns (loss, metrics)."""
+                       generator: torch.Generator | None = None, z: torch.Tensor | None = None,
+                       t_real: torch.Tensor | None = None, t_fake: torch.Tensor | None = None,
+                       eps: torch.Tensor | None = None, reduction: str = "mean"):
+    """L_D of Eq. 10 for one micro-batch; G runs under no_grad. Returns (loss, metrics).
+
+    z, t_real, t_fake and eps are drawn from `generator` unless given (the trainer draws them per sample).
+    reduction='sum' sums the per-sample losses (the trainer normalises by the global batch)."""
     B = x.shape[0]
     if z is None:
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     with torch.no_grad():
-        fake = G(z, text, text_mask, pooled).detach()
-    t_real = sample_timesteps(B, cfg.timestep_shift, generator, x.device, x.dtype)
-    t_fake = sample_timesteps(B, cfg.timestep_shift, generator, x.device, x.dtype)
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        fake = G(z, text, text_mask, pooled).detach().to(x.dtype)
+    if t_real is None:
+        t_real = sample_timesteps(B, cfg.timestep_shift, generator, x.device, x.dtype)
+    if t_fake is None:
+        t_fake = sample_timesteps(B, cfg.timestep_shift, generator, x.device, x.dtype)
+    if eps is None:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     perturbed = x + cfg.r1_sigma * eps  # same t as the real sample it perturbs
     if cfg.use_r1 and cfg.fused_d_forward:
         logits = D(torch.cat([x, perturbed, fake]), torch.cat([t_real, t_real, t_fake]), _rep(text, 3),
@@ -114,8 +126,8 @@ def discriminator_loss(D, G, x, text, text_mask=None, pooled=None, *, cfg: APTCo
         real_l = D(x, t_real, text, text_mask, pooled)
         fake_l = D(fake, t_fake, text, text_mask, pooled)
         pert_l = D(perturbed, t_real, text, text_mask, pooled) if cfg.use_r1 else None
-    adv = d_adversarial_loss(real_l, fake_l)
-    r1 = approx_r1(real_l, pert_l) if pert_l is not None else torch.zeros((), device=x.device)
+    adv = _reduce(F.softplus(-real_l) + F.softplus(fake_l), reduction)
+    r1 = _reduce((real_l - pert_l).pow(2), reduction) if pert_l is not None else torch.zeros((), device=x.device)
     loss = adv + (cfg.r1_lambda * r1 if cfg.use_r1 else 0.0)
     metrics = {
         "d_loss": loss.detach(),
@@ -131,13 +143,14 @@ def discriminator_loss(D, G, x, text, text_mask=None, pooled=None, *, cfg: APTCo
 
 def generator_loss(D, G, text, text_mask=None, pooled=None, *, shape, cfg: APTConfig,
                    generator: torch.Generator | None = None, z: torch.Tensor | None = None, device=None,
-                   dtype=torch.float32):
+                   dtype=torch.float32, t: torch.Tensor | None = None, reduction: str = "mean"):
     """L_G of Eq. 2 for one micro-batch; gradients flow through D into G (the caller freezes D's
     parameters). Returns (loss, metrics, fake)."""
     if z is None:
         z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     fake = G(z, text, text_mask, pooled)
-    t = sample_timesteps(shape[0], cfg.timestep_shift, generator, z.device, z.dtype)
-    fake_l = D(fake, t, text, text_mask, pooled)
-    loss = g_adversarial_loss(fake_l)
+    if t is None:
+        t = sample_timesteps(shape[0], cfg.timestep_shift, generator, z.device, z.dtype)
+    fake_l = D(fake, t.to(fake.dtype), text, text_mask, pooled)
+    loss = _reduce(F.softplus(-fake_l), reduction)
     return loss, {"g_loss": loss.detach(), "logit_fake_g": fake_l.detach().mean()}, fake

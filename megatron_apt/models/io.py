@@ -51,6 +51,18 @@ def save_mmdit(model: MMDiT, path: str | Path, kind: str = "diffusion", overwrit
     return path
 
 
+def save_state_dir(state: dict[str, torch.Tensor], cfg: MMDiTConfig, path: str | Path, kind: str,
+                   overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """Write a full (consolidated) state dict with its model config as a model directory, atomically."""
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    meta = {"format": FORMAT, "kind": kind, "model": cfg.to_dict(), **(extra or {})}
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
 def read_model_dir(path: str | Path) -> tuple[dict[str, Any], Path]:
     path = Path(path)
     if not path.is_dir():

@@ -61,6 +61,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> t
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0") if world == 1 else "0")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":

@@ -1,0 +1,1 @@
+"""Inference: sampling, grids and videos."""

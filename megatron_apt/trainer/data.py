@@ -1,0 +1,123 @@
+"""Training data: an indexed dataset (tools/preprocess_video.py) or a synthetic one, a step-indexed sampler
+(its position is the step, so resuming needs no sampler state beyond the step), and micro-batch collation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_apt.trainer.batching import sample_seed
+
+
+class SyntheticData:
+    """Deterministic random latents and text (tests, throughput runs)."""
+
+    def __init__(self, shape, text_len: int, text_dim: int, size: int, seed: int):
+        self.shape, self.text_len, self.text_dim, self.size, self.seed = tuple(shape), text_len, text_dim, size, seed
+
+    def __len__(self):
+        return self.size
+
+    def shape_key(self, i: int):
+        return self.shape
+
+    def get(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(sample_seed(self.seed, 0, "synthetic", i))
+        # a low-frequency signal plus a little noise, so that models have something to learn
+        base = torch.randn(self.shape[0], 1, 1, 1, generator=g)
+        x = base + 0.3 * torch.randn(self.shape, generator=g)
+        n = 1 + int(torch.randint(0, self.text_len, (1,), generator=g))
+        text = torch.randn(n, self.text_dim, generator=g)
+        return {"x": x, "text": text}
+
+
+class TokenEmbedder:
+    """Text stored as token ids (preprocessing without a text encoder) becomes features through a frozen,
+    seeded embedding table: a deterministic stand-in for a text encoder on the embedded default."""
+
+    def __init__(self, dim: int, vocab: int = 1 << 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(vocab, dim, generator=g) / dim**0.5
+        self.vocab = vocab
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids.long().clamp(0, self.vocab - 1)]
+
+
+class IndexedData:
+    """Samples of an indexed dataset prefix as dict(x [C,T,H,W] float, text [L, D] float)."""
+
+    def __init__(self, prefix: str, text_dim: int, max_text_len: int, latent_scale: float = 1.0, seed: int = 0):
+        from megatron_apt.data.dataset import LatentVideoDataset
+
+        self.ds = LatentVideoDataset(prefix)
+        self.max_text_len = max_text_len
+        self.latent_scale = latent_scale
+        self.embed = None
+        self.text_dim = text_dim
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.ds)
+
+    def shape_key(self, i: int):
+        return tuple(self.ds.shape(i)) if hasattr(self.ds, "shape") else tuple(self.get(i)["x"].shape)
+
+    def get(self, i: int) -> dict:
+        s = self.ds[i]
+        x = s["latents"] if "latents" in s else s["pixels"]
+        x = x.float() * self.latent_scale
+        text = s["text"]
+        if not torch.is_floating_point(text):  # token ids
+            if self.embed is None:
+                self.embed = TokenEmbedder(self.text_dim, seed=self.seed)
+            text = self.embed(text)
+        text = text.float()[: self.max_text_len]
+        if text.shape[-1] != self.text_dim:
+            raise ValueError(f"dataset text features have width {text.shape[-1]} but the model's text_dim is "
+                             f"{self.text_dim}")
+        return {"x": x, "text": text}
+
+
+class StepSampler:
+    """Global batch of step s = the next N indices of a seeded permutation per epoch. All samples of one
+    global batch share one shape (the bucket of its first sample), so every micro-batch has one shape."""
+
+    def __init__(self, data, global_batch: int, seed: int):
+        self.data, self.n, self.seed = data, global_batch, seed
+        self.size = len(data)
+        if self.size == 0:
+            raise ValueError("the dataset is empty")
+        keys = [data.shape_key(i) for i in range(self.size)] if hasattr(data, "shape_key") else [None] * self.size
+        self.buckets: dict = {}
+        for i, k in enumerate(keys):
+            self.buckets.setdefault(k, []).append(i)
+
+    def _perm(self, epoch: int, bucket: list[int]) -> list[int]:
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, "perm", len(bucket)))
+        return [bucket[j] for j in rng.permutation(len(bucket))]
+
+    def indices(self, step: int) -> list[int]:
+        keys = sorted(self.buckets, key=str)
+        key = keys[step % len(keys)]
+        bucket = self.buckets[key]
+        out = []
+        start = (step // len(keys)) * self.n
+        while len(out) < self.n:
+            epoch, off = divmod(start + len(out), len(bucket))
+            perm = self._perm(epoch, bucket)
+            out.extend(perm[off: off + self.n - len(out)])
+        return out
+
+
+def collate(samples: list[dict], device) -> dict:
+    x = torch.stack([s["x"] for s in samples]).to(device)
+    L = max(s["text"].shape[0] for s in samples)
+    D = samples[0]["text"].shape[1]
+    text = torch.zeros(len(samples), L, D)
+    mask = torch.zeros(len(samples), L, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = s["text"].shape[0]
+        text[i, :n] = s["text"]
+        mask[i, :n] = True
+    return {"x": x, "text": text.to(device), "text_mask": mask.to(device)}

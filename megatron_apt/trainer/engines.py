@@ -1,0 +1,331 @@
+"""Training engines: a DeepSpeed ZeRO engine, or plain torch, behind one small interface.
+
+Loss convention: the trainer calls `backward(loss)` with each micro-batch's loss already scaled so that
+the per-rank losses of one update, averaged over the data-parallel x sequence-parallel group, give the
+loss of the exact global batch (see `trainer.batching`). Engines average gradients over that group and
+never rescale by accumulation steps (DeepSpeed: `managed_gradient_accumulation: false`,
+`backward(..., scale_wrt_gas=False)`), so ragged micro-batches form an exact global batch.
+
+EMA: kept like the parameters it follows. Under ZeRO-3 it is one fp32 tensor per flat partition of the
+fp32 master weights (this rank's shard only); in the torch engine one fp32 tensor per parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_apt.parallel import comm
+
+
+class MegatronMPU:
+    """The `mpu` DeepSpeed expects, over megatron-core's groups. Its data-parallel group is the
+    data-parallel x sequence-parallel group: ZeRO partitions and averages over it (the Ulysses convention,
+    see parallel.comm)."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self.ps.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_rank(self):
+        return self.ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.get_pipeline_model_parallel_group()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group(with_context_parallel=True)
+
+    def get_data_parallel_rank(self):
+        return self.ps.get_data_parallel_rank(with_context_parallel=True)
+
+    def get_data_parallel_world_size(self):
+        return self.ps.get_data_parallel_world_size(with_context_parallel=True)
+
+
+def make_optimizer(params, name: str, lr: float, alpha: float, eps: float, weight_decay: float, betas=(0.9, 0.999)):
+    params = [p for p in params if p.requires_grad]
+    if name == "rmsprop":  # paper: RMSProp alpha 0.9 == Adam beta1 0, beta2 0.9, no weight decay
+        return torch.optim.RMSprop(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+class TorchEngine:
+    """Plain PyTorch: fp32 master parameters, optional bf16 autocast, gradients averaged over DP x SP."""
+
+    kind = "torch"
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, precision: str,
+                 group=None):
+        self.module = module
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.precision = precision
+        self.group = group
+        self.ema: list[torch.Tensor] | None = None
+
+    def __call__(self, *args, **kwargs):
+        dev = next(self.module.parameters()).device.type
+        ctx = torch.autocast(dev, dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
+        with ctx:
+            return self.module(*args, **kwargs)
+
+    def raw(self, *args, **kwargs):
+        """Forward through the module without the engine's backward bookkeeping: for a model that is frozen
+        in this pass (D during G's step) or runs under no_grad (G during D's step). Under DeepSpeed, a pass
+        through engine.forward registers that engine's backward hooks on the outputs, and a backward of
+        another engine's loss through them corrupts the frozen engine's gradient accounting."""
+        return TorchEngine.__call__(self, *args, **kwargs)
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = self.params()
+        comm.average_gradients(params, self.group)
+        norm = grad_norm(params)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        if all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    # ---- EMA ----
+    def init_ema(self) -> None:
+        self.ema = [p.detach().float().clone() for p in self.module.parameters()]
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        for e, p in zip(self.ema, self.module.parameters()):
+            e.lerp_(p.detach().float(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Run the module with its EMA weights inside the block (the consistency-distillation target)."""
+        params = list(self.module.parameters())
+        saved = [p.data for p in params]
+        try:
+            for p, e in zip(params, self.ema):
+                p.data = e.to(p.dtype)
+            yield
+        finally:
+            for p, d in zip(params, saved):
+                p.data = d
+
+    # ---- checkpoint state (this rank's shard, tensors only) ----
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"param.{n}": p.detach().contiguous() for n, p in self.module.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        if self.ema is not None:
+            for i, e in enumerate(self.ema):
+                out[f"ema.{i}"] = e
+        return out
+
+    def load_state_tensors(self, st: dict[str, torch.Tensor]) -> None:
+        sd = {k[len("param."):]: v for k, v in st.items() if k.startswith("param.")}
+        self.module.load_state_dict(sd)
+        opt = self.optimizer.state_dict()
+        state: dict[int, dict] = {}
+        for k, v in st.items():
+            if k.startswith("opt."):
+                _, i, key = k.split(".", 2)
+                state.setdefault(int(i), {})[key] = v
+        opt["state"] = state
+        self.optimizer.load_state_dict(opt)
+        if any(k.startswith("ema.") for k in st):
+            self.ema = [st[f"ema.{i}"].clone() for i in range(len(list(self.module.parameters())))]
+
+    @contextlib.contextmanager
+    def full_parameters(self, use_ema: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Full (unsharded over data parallel) parameters of this rank's tensor-parallel shard."""
+        sd = {n: p.detach() for n, p in self.module.named_parameters()}
+        if use_ema:
+            sd = {n: e for (n, _), e in zip(self.module.named_parameters(), self.ema)}
+        buffers = {n: b for n, b in self.module.named_buffers()}
+        yield {**sd, **buffers}
+
+
+class DeepSpeedEngine(TorchEngine):
+    """A DeepSpeed engine (ZeRO stage from the config) with the same interface."""
+
+    kind = "deepspeed"
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, precision: str,
+                 zero_stage: int, micro_batch: int, persistence_threshold: int = 100_000):
+        import deepspeed
+
+        ds_config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,
+            # DeepSpeed 0.19 clips at 1.0 unless told otherwise; the paper uses no clipping
+            "gradient_clipping": float(grad_clip),
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": zero_stage, "contiguous_gradients": True,
+                                  "overlap_comm": torch.cuda.is_available(),
+                                  "stage3_param_persistence_threshold": persistence_threshold},
+            "bf16": {"enabled": precision == "bf16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.ds_config = ds_config
+        engine, opt, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
+                                                 mpu=MegatronMPU(), dist_init_required=False)
+        self.engine = engine
+        self.zero_stage = zero_stage
+        super().__init__(engine.module, opt, grad_clip, precision, group=None)
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+
+    # ZeRO-3 internals: the fp32 master partitions are flat tensors, one per sub-group
+    def _masters(self) -> list[torch.Tensor]:
+        return list(self.engine.optimizer.fp32_partitioned_groups_flat)
+
+    def init_ema(self) -> None:
+        if self.zero_stage != 3:
+            raise NotImplementedError("EMA with DeepSpeed is implemented for ZeRO-3 (use zero_stage=3)")
+        self.ema = [m.detach().float().clone() for m in self._masters()]
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        for e, m in zip(self.ema, self._masters()):
+            e.lerp_(m.detach().float(), 1.0 - decay)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        zopt = self.engine.optimizer
+        out = {}
+        for i, m in enumerate(self._masters()):
+            out[f"master.{i}"] = m.detach().contiguous()
+            for k, v in zopt.optimizer.state.get(m, {}).items():
+                out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        if self.ema is not None:
+            for i, e in enumerate(self.ema):
+                out[f"ema.{i}"] = e
+        return out
+
+    @torch.no_grad()
+    def _write_masters_to_params(self, flats: list[torch.Tensor]) -> None:
+        zopt = self.engine.optimizer
+        for i, f in enumerate(flats):
+            if f.numel():
+                zopt.fp16_partitioned_groups_flat[i].data.copy_(f.data)
+            updated = zopt.unflatten(zopt.fp16_partitioned_groups_flat[i], zopt.fp16_partitioned_groups[i])
+            for p, q in zip(zopt.fp16_partitioned_groups[i], updated):
+                p.data = q.data
+
+    def load_state_tensors(self, st: dict[str, torch.Tensor]) -> None:
+        zopt = self.engine.optimizer
+        masters = self._masters()
+        for i, m in enumerate(masters):
+            saved = st[f"master.{i}"]
+            if saved.shape != m.shape:
+                raise ValueError(f"checkpoint partition {i} has shape {tuple(saved.shape)}, this layout needs "
+                                 f"{tuple(m.shape)}: resume needs the same model and parallel layout")
+            m.data.copy_(saved)
+            state = {k.split(".", 2)[2]: v.clone() for k, v in st.items() if k.startswith(f"opt.{i}.")}
+            if state:
+                zopt.optimizer.state[m] = state
+        self._write_masters_to_params(masters)
+        if any(k.startswith("ema.") for k in st):
+            self.ema = [st[f"ema.{i}"].clone() for i in range(len(masters))]
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        masters = self._masters()
+        saved = [m.detach().clone() for m in masters]
+        self._write_masters_to_params(self.ema)
+        try:
+            yield
+        finally:
+            self._write_masters_to_params(saved)
+
+    @contextlib.contextmanager
+    def full_parameters(self, use_ema: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Gather every parameter over the ZeRO group (all ranks must enter). With use_ema the EMA shards
+        are swapped in for the duration and the training weights restored after."""
+        import deepspeed
+
+        masters = self._masters()
+        saved = None
+        if use_ema:
+            saved = [m.detach().clone() for m in masters]
+            self._write_masters_to_params(self.ema)
+        try:
+            params = list(self.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                sd = {n: p.detach().clone() for n, p in self.module.named_parameters()}
+            buffers = {n: b for n, b in self.module.named_buffers()}
+            yield {**sd, **buffers}
+        finally:
+            if saved is not None:
+                self._write_masters_to_params(saved)
+
+
+def grad_norm(params) -> float:
+    sq = 0.0
+    for p in params:
+        if p.grad is not None:
+            sq += float(p.grad.detach().float().pow(2).sum())
+    return sq ** 0.5
+
+
+def build_engine(module: nn.Module, *, kind: str, optimizer: str, lr: float, alpha: float, eps: float,
+                 weight_decay: float, betas, grad_clip: float, precision: str, zero_stage: int, micro_batch: int,
+                 persistence_threshold: int = 100_000):
+    from megatron_apt.parallel.state import dp_group
+
+    opt = make_optimizer(module.parameters(), optimizer, lr, alpha, eps, weight_decay, betas)
+    if kind == "deepspeed":
+        return DeepSpeedEngine(module, opt, grad_clip, precision, zero_stage, micro_batch, persistence_threshold)
+    group = dp_group(with_sp=True) if dist.is_initialized() and dist.get_world_size() > 1 else None
+    return TorchEngine(module, opt, grad_clip, precision, group=group)

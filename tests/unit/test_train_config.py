@@ -1,0 +1,62 @@
+"""Training config: YAML + dotted overrides, clear errors, the exact-batch plan, the dry run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_apt.config.train import load_config
+from megatron_apt.trainer.batching import per_sample_randn, plan_batch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_overrides_and_types(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("stage: apt_video\noptim:\n  lr: 3.0e-6\napt:\n  timestep_shift: 12\ndata:\n  synthetic: true\n")
+    cfg = load_config(f, ["optim.lr=1e-5", "parallel.tp=2", "apt.use_r1=false", "model.head_layers=[1,2]"])
+    assert cfg.stage == "apt_video" and cfg.optim.lr == 1e-5 and cfg.parallel.tp == 2
+    assert cfg.apt.use_r1 is False and cfg.apt.timestep_shift == 12 and cfg.model.head_layers == [1, 2]
+
+
+def test_unknown_keys_and_bad_values_are_named():
+    with pytest.raises(ValueError, match="unknown config key 'optim.lrr'.*lr"):
+        load_config(None, ["data.synthetic=true", "optim.lrr=1"])
+    with pytest.raises(ValueError, match="cannot parse optim.lr"):
+        load_config(None, ["data.synthetic=true", "optim.lr=fast"])
+    with pytest.raises(ValueError, match="unknown stage"):
+        load_config(None, ["data.synthetic=true", "stage=gan"])
+    with pytest.raises(ValueError, match="data.path is required"):
+        load_config(None, [])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config("/nonexistent.yaml")
+
+
+def test_exact_batch_plan():
+    p = plan_batch(7, 2, 2)
+    assert p.counts == (4, 3) and p.micro_steps == 2
+    assert p.micro_batches(0) == [(0, 2), (2, 4)] and p.micro_batches(1) == [(4, 6), (6, 7)]
+    p = plan_batch(9062, 256, 8)  # the paper's image batch on 256 GPUs
+    assert sum(p.counts) == 9062 and max(p.counts) - min(p.counts) == 1 and p.micro_steps == 5
+    p = plan_batch(5, 2, 2)  # rank 1 has 2 samples: its second micro-step is empty (weight 0)
+    assert p.micro_batches(1) == [(3, 5), (5, 5)]
+    with pytest.raises(ValueError, match="cannot be formed over 4 data-parallel ranks"):
+        plan_batch(3, 4, 1)
+
+
+def test_per_sample_noise_does_not_depend_on_grouping():
+    a = per_sample_randn((2, 3), 1, 5, "z", [0, 1, 2, 3])
+    b = per_sample_randn((2, 3), 1, 5, "z", [2, 3])
+    assert (a[2:] == b).all() and not (a[0] == a[1]).all()
+
+
+def test_dry_run_prints_layout_and_batch():
+    r = subprocess.run([sys.executable, str(ROOT / "pretrain_apt.py"), "--dry-run", "data.synthetic=true",
+                        "global_batch=9062", "micro_batch=8"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "WORLD_SIZE": "256"})
+    assert r.returncode == 0, r.stderr
+    assert "global batch 9062 = 256 data-parallel ranks x 35-36 samples, 5 micro-steps" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "pretrain_apt.py"), "--dry-run", "data.synthetic=true",
+                        "parallel.tp=3"], capture_output=True, text=True, env={**__import__("os").environ, "WORLD_SIZE": "4"})
+    assert r.returncode == 2 and "not divisible" in r.stderr
