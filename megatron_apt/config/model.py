@@ -178,8 +178,9 @@ def _preset(**kw: Any) -> dict[str, Any]:
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "debug": _preset(in_channels=4, hidden_size=32, num_layers=4, num_heads=4, text_dim=24, pooled_dim=0,
                      patch_size=(1, 2, 2)),
+    # pixel space (RGB), 4x4 patches: a 2 s, 8-frame 24x24 toy video is 288 tokens, an image 36
     "toy": _preset(in_channels=3, hidden_size=128, num_layers=6, num_heads=4, text_dim=64, pooled_dim=0,
-                   patch_size=(1, 2, 2)),
+                   patch_size=(1, 4, 4)),
     "2b": _preset(in_channels=16, hidden_size=2048, num_layers=20, num_heads=16, text_dim=4096, pooled_dim=0),
     "8b": _preset(in_channels=16, hidden_size=3072, num_layers=36, num_heads=24, text_dim=4096, pooled_dim=0),
     "sd3.5-large": _preset(in_channels=16, hidden_size=2432, num_layers=38, num_heads=38, text_dim=4096,

@@ -33,7 +33,8 @@ class SyntheticData:
 
 class TokenEmbedder:
     """Text stored as token ids (preprocessing without a text encoder) becomes features through a frozen,
-    seeded embedding table: a deterministic stand-in for a text encoder on the embedded default."""
+    seeded embedding table: a deterministic stand-in for a text encoder on the embedded default. The table
+    depends only on (dim, vocab, seed), fixed here, so training and generation always agree."""
 
     def __init__(self, dim: int, vocab: int = 1 << 16, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
@@ -50,7 +51,9 @@ class IndexedData:
     def __init__(self, prefix: str, text_dim: int, max_text_len: int, latent_scale: float = 1.0, seed: int = 0):
         from megatron_apt.data.dataset import LatentVideoDataset
 
-        self.ds = LatentVideoDataset(prefix)
+        # several prefixes (comma-separated), e.g. images and videos, form one data set with shape buckets
+        self.parts = [LatentVideoDataset(p.strip()) for p in str(prefix).split(",") if p.strip()]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
         self.max_text_len = max_text_len
         self.latent_scale = latent_scale
         self.embed = None
@@ -58,19 +61,25 @@ class IndexedData:
         self.seed = seed
 
     def __len__(self):
-        return len(self.ds)
+        return int(self.offsets[-1])
+
+    def _locate(self, i: int):
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[k], i - int(self.offsets[k])
 
     def shape_key(self, i: int):
-        return tuple(self.ds.shape(i)) if hasattr(self.ds, "shape") else tuple(self.get(i)["x"].shape)
+        ds, j = self._locate(i)
+        return tuple(ds.shape(j))
 
     def get(self, i: int) -> dict:
-        s = self.ds[i]
+        ds, j = self._locate(i)
+        s = ds[j]
         x = s["latents"] if "latents" in s else s["pixels"]
         x = x.float() * self.latent_scale
         text = s["text"]
         if not torch.is_floating_point(text):  # token ids
             if self.embed is None:
-                self.embed = TokenEmbedder(self.text_dim, seed=self.seed)
+                self.embed = TokenEmbedder(self.text_dim)
             text = self.embed(text)
         text = text.float()[: self.max_text_len]
         if text.shape[-1] != self.text_dim:

@@ -146,6 +146,12 @@ class TorchEngine:
             for p, d in zip(params, saved):
                 p.data = d
 
+    def layout(self) -> dict:
+        """How this rank's checkpoint tensors map to parameters (for offline consolidation)."""
+        return {"kind": "torch", "params": [[n, list(p.shape), getattr(p, "partition_dim", -1)
+                                             if getattr(p, "tensor_model_parallel", False) else -1]
+                                            for n, p in self.module.named_parameters()]}
+
     # ---- checkpoint state (this rank's shard, tensors only) ----
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"param.{n}": p.detach().contiguous() for n, p in self.module.state_dict().items()}
@@ -240,6 +246,20 @@ class DeepSpeedEngine(TorchEngine):
     def update_ema(self, decay: float) -> None:
         for e, m in zip(self.ema, self._masters()):
             e.lerp_(m.detach().float(), 1.0 - decay)
+
+    def layout(self) -> dict:
+        """ZeRO-3 flat partitions: for each sub-group, its parameters in flat order with their full
+        (tensor-parallel local) shape, this rank's partition size, and the tensor-parallel split dim.
+        DeepSpeed pads every parameter to a multiple of the ZeRO group size and gives rank r the r-th
+        chunk; the flat tensor is the concatenation of these chunks."""
+        zopt = self.engine.optimizer
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        groups = []
+        for params, parts in zip(zopt.fp16_groups, zopt.fp16_partitioned_groups):
+            groups.append([[names[id(p)], list(p.ds_shape), int(part.numel()),
+                            getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else -1]
+                           for p, part in zip(params, parts)])
+        return {"kind": "zero3", "zero_world": dist.get_world_size(zopt.dp_process_group), "groups": groups}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         zopt = self.engine.optimizer

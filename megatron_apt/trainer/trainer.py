@@ -81,9 +81,10 @@ class Trainer:
                                  c.seed)
         from megatron_apt.data.indexed import is_complete
 
-        if not is_complete(c.data.path):
-            raise FileNotFoundError(f"dataset {c.data.path} does not exist or is incomplete (no manifest "
-                                    f"{c.data.path}.json): run tools/preprocess_video.py first")
+        for prefix in str(c.data.path).split(","):
+            if not is_complete(prefix.strip()):
+                raise FileNotFoundError(f"dataset {prefix} does not exist or is incomplete (no manifest "
+                                        f"{prefix}.json): run tools/preprocess_video.py first")
         return IndexedData(c.data.path, text_dim, c.data.max_text_len, c.data.latent_scale, c.seed)
 
     def load_or_build_backbone(self, path: str | None, parallel: bool = True):
@@ -109,10 +110,12 @@ class Trainer:
         from megatron_apt.trainer.engines import build_engine
 
         o, p = self.cfg.optim, self.cfg.parallel
-        return build_engine(module.to(self.device), kind=p.engine, optimizer=o.optimizer, lr=lr, alpha=o.alpha,
+        eng = build_engine(module.to(self.device), kind=p.engine, optimizer=o.optimizer, lr=lr, alpha=o.alpha,
                             eps=o.eps, weight_decay=o.weight_decay, betas=o.betas, grad_clip=o.grad_clip,
                             precision=self.cfg.precision, zero_stage=p.zero_stage, micro_batch=self.cfg.micro_batch,
                             persistence_threshold=p.zero_persistence_threshold)
+        eng.base_lr = lr
+        return eng
 
     # ---- collectives ----------------------------------------------------------------------------------
     def global_mean(self, total: float, count: float) -> float:
@@ -172,9 +175,20 @@ class Trainer:
                 tensors[f"{ename}.{k}"] = v.detach().cpu().contiguous()
         # the folder is renamed into place only when every rank has written: no partial step-N is ever visible
         save_file(tensors, str(tmp / f"rank{_rank():05d}.safetensors"))
+        layout = {"rank": _rank(), "tp_rank": self.ps.get_tensor_model_parallel_rank(),
+                  "zero_rank": self.ps.get_data_parallel_rank(with_context_parallel=True),
+                  "engines": {n: e.layout() for n, e in self.stage.engines().items()}}
+        atomic_write_json(tmp / f"rank{_rank():05d}.json", layout)
         _barrier()
         if _rank() == 0:
+            models = {}
+            for n, e in self.stage.engines().items():
+                mod = e.module.backbone if hasattr(e.module, "backbone") else e.module
+                models[n] = {"model": mod.config.to_dict(),
+                             "head_layers": list(getattr(e.module, "head_layers", [])) or None,
+                             "kind": {"G": "generator", "D": "discriminator"}.get(n, "diffusion")}
             atomic_write_json(tmp / "trainer.json", {"version": CKPT_VERSION, "step": self.step,
+                                                      "models": models, "tp": self.dims.tp, "sp": self.dims.sp,
                                                       "world_size": dist.get_world_size(),
                                                       "fingerprint": self._fingerprint(),
                                                       "history_tail": self.history[-5:],
@@ -264,6 +278,10 @@ class Trainer:
             t0 = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+            if c.optim.warmup_steps > 0:  # linear warmup
+                f = min(1.0, (self.step + 1) / c.optim.warmup_steps)
+                for eng in self.stage.engines().values():
+                    eng.set_lr(eng.base_lr * f)
             mbs = self.micro_batches(self.step)
             x_shape = tuple(mbs[0]["x"].shape[1:])
             text_len = mbs[0]["text"].shape[1]

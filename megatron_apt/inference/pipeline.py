@@ -1,0 +1,163 @@
+"""Text -> one-step (or N-step) generator -> VAE decode -> frames, with per-component timing.
+
+Text conditioning is either a transformers text encoder (a local directory) or token ids (a tokenizer
+directory, or bytes) through the fixed `TokenEmbedder` table that training used for id-only datasets.
+Without a VAE the model works in pixel space (the embedded default).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megatron_apt.models.io import load_mmdit, read_model_dir
+
+
+@dataclass
+class Timings:
+    text: float = 0.0
+    dit: float = 0.0
+    vae: float = 0.0
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.text + self.dit + self.vae
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TextConditioner:
+    def __init__(self, spec: str, text_dim: int, device, dtype, max_length: int = 512):
+        self.max_length = max_length
+        self.device, self.dtype = device, dtype
+        self.encoder = None
+        self.tokenizer = None
+        if spec in ("bytes", "none"):
+            from megatron_apt.models.text_encoder import ByteTokenizer
+
+            self.tokenizer = ByteTokenizer()
+        else:
+            p = Path(spec)
+            if not p.is_dir():
+                raise FileNotFoundError(f"text encoder / tokenizer directory {spec} does not exist "
+                                        "(or pass 'bytes' for the byte tokenizer)")
+            has_weights = any(p.glob("*.safetensors")) or (p / "config.json").is_file()
+            if has_weights and (p / "config.json").is_file():
+                from megatron_apt.models.text_encoder import load_text_encoder
+
+                self.encoder = load_text_encoder(str(p), device=device, dtype=dtype)
+                if self.encoder.dim != text_dim:
+                    raise ValueError(f"text encoder {spec} has width {self.encoder.dim} but the model expects "
+                                     f"text_dim={text_dim}")
+            else:
+                from megatron_apt.models.text_encoder import load_tokenizer
+
+                self.tokenizer = load_tokenizer(str(p))
+        if self.encoder is None:
+            from megatron_apt.trainer.data import TokenEmbedder
+
+            self.embed = TokenEmbedder(text_dim)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]):
+        if self.encoder is not None:
+            h, m = self.encoder.encode(prompts, max_length=self.max_length)
+            return h.to(self.device, self.dtype), m.to(self.device)
+        ids, mask = self.tokenizer(prompts, max_length=self.max_length)
+        return self.embed(ids).to(self.device, self.dtype), mask.to(self.device)
+
+
+class Generator:
+    """Loads a generator (one-step) or diffusion model directory and produces videos in [-1, 1]."""
+
+    def __init__(self, model_dir: str, *, text: str = "bytes", vae: str = "none", device="cpu",
+                 dtype=torch.float32, max_text_len: int = 512, parallel_dims=None):
+        meta, _ = read_model_dir(model_dir)
+        self.kind = meta.get("kind")
+        if self.kind not in ("generator", "diffusion", "consistency"):
+            raise ValueError(f"{model_dir} holds a {self.kind!r} checkpoint; generation needs a generator, "
+                             "consistency or diffusion model (export one with tools/convert_checkpoint.py)")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = load_mmdit(model_dir, device=self.device, dtype=dtype).eval()
+        if parallel_dims is not None and parallel_dims.sp > 1:
+            from megatron_apt.parallel import parallelize_mmdit
+
+            parallelize_mmdit(self.model, parallel_dims)
+        cfg = self.model.config
+        self.text = TextConditioner(text, cfg.text_dim, self.device, dtype, max_text_len)
+        self.vae = None
+        if vae != "none":
+            from megatron_apt.models.vae import load_vae
+
+            self.vae = load_vae(vae, device=self.device, dtype=dtype)
+            if self.vae.latent_channels != cfg.in_channels:
+                raise ValueError(f"VAE {vae} has {self.vae.latent_channels} latent channels, the model expects "
+                                 f"{cfg.in_channels}")
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        cfg = self.model.config
+        if self.vae is None:
+            shape = (cfg.in_channels, frames, height, width)
+        else:
+            shape = tuple(self.vae.latent_shape(frames, height, width))
+            s = self.vae.spatial_compression
+            if height % s or width % s:
+                raise ValueError(f"resolution {width}x{height} is not divisible by the VAE's spatial factor {s}")
+        _, T, H, W = shape
+        pt, ph, pw = cfg.patch_size
+        if T % pt or H % ph or W % pw:
+            raise ValueError(f"resolution {width}x{height} with {frames} frames gives a latent {T}x{H}x{W} that is "
+                             f"not divisible by the patch {pt}x{ph}x{pw}; choose sizes divisible by "
+                             f"{(self.vae.spatial_compression if self.vae else 1) * ph}")
+        return shape
+
+    @torch.no_grad()
+    def velocity(self, x, t, text, mask):
+        tt = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+        return self.model(x, tt, text, mask)
+
+    @torch.no_grad()
+    def sample_latents(self, z, text, mask, steps: int = 1, cfg_scale: float = 1.0, timesteps=None):
+        """Euler sampling from t = 1 to 0 (steps = 1 for the one-step generator). cfg_scale > 1 adds
+        classifier-free guidance against the null text (for the diffusion baseline)."""
+        if timesteps is None:
+            timesteps = torch.linspace(1.0, 0.0, steps + 1).tolist()
+        x = z
+        for a, b in zip(timesteps, timesteps[1:]):
+            v = self.velocity(x, a, text, mask)
+            if cfg_scale != 1.0:
+                vu = self.velocity(x, a, torch.zeros_like(text), torch.zeros_like(mask))
+                v = vu + cfg_scale * (v - vu)
+            x = x + (b - a) * v
+        return x
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, frames: int, height: int, width: int, seed: int = 0, steps: int = 1,
+                 cfg_scale: float = 1.0, tile_vae: bool = False, timings: Timings | None = None):
+        t0 = time.perf_counter()
+        text, mask = self.text(prompts)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        shape = self.latent_shape(frames, height, width)
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn((len(prompts), *shape), generator=g).to(self.device, self.dtype)
+        lat = self.sample_latents(z, text, mask, steps=steps, cfg_scale=cfg_scale)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        video = self.vae.decode(lat, tile=tile_vae) if self.vae is not None else lat
+        video = video.float().clamp(-1, 1)
+        _sync(self.device)
+        t3 = time.perf_counter()
+        if timings is not None:
+            timings.text += t1 - t0
+            timings.dit += t2 - t1
+            timings.vae += t3 - t2
+        return video
