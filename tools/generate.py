@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
                    help="tiled VAE decode (auto: when free GPU memory looks short)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the blocks (auto: on GPU; ~11%% faster DiT at 8b 720p)")
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel size (run under torchrun)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--grid-scale", type=int, default=1)
@@ -85,7 +87,9 @@ def main(argv=None) -> int:
             initialize_model_parallel(dims)
             if device.type == "cuda":
                 device = torch.device("cuda", torch.cuda.current_device())
-        gen = Generator(a.model, text=a.text_encoder, vae=a.vae, device=device, dtype=dtype, parallel_dims=dims)
+        compile_ = a.compile == "on" or (a.compile == "auto" and device.type == "cuda")
+        gen = Generator(a.model, text=a.text_encoder, vae=a.vae, device=device, dtype=dtype, parallel_dims=dims,
+                        compile=compile_)
         frames = a.frames
         if frames is None:
             frames = max(1, round(a.seconds * a.fps))

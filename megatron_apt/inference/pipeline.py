@@ -78,7 +78,7 @@ class Generator:
     """Loads a generator (one-step) or diffusion model directory and produces videos in [-1, 1]."""
 
     def __init__(self, model_dir: str, *, text: str = "bytes", vae: str = "none", device="cpu",
-                 dtype=torch.float32, max_text_len: int = 512, parallel_dims=None):
+                 dtype=torch.float32, max_text_len: int = 512, parallel_dims=None, compile: bool = False):
         meta, _ = read_model_dir(model_dir)
         self.kind = meta.get("kind")
         if self.kind not in ("generator", "diffusion", "consistency"):
@@ -87,10 +87,10 @@ class Generator:
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = load_mmdit(model_dir, device=self.device, dtype=dtype).eval()
-        if parallel_dims is not None and parallel_dims.sp > 1:
-            from megatron_apt.parallel import parallelize_mmdit
+        if (parallel_dims is not None and parallel_dims.sp > 1) or compile:
+            from megatron_apt.parallel import ParallelDims, parallelize_mmdit
 
-            parallelize_mmdit(self.model, parallel_dims)
+            parallelize_mmdit(self.model, parallel_dims or ParallelDims(), compile=compile)
         cfg = self.model.config
         self.text = TextConditioner(text, cfg.text_dim, self.device, dtype, max_text_len)
         self.vae = None

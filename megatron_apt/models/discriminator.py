@@ -81,6 +81,20 @@ class CrossAttentionHead(nn.Module):
         return h[:, 0]
 
 
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the parameter dtype."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
+class FP32Linear(nn.Linear):
+    """Linear computed in fp32 whatever the parameter dtype."""
+
+    def forward(self, x):
+        return F.linear(x.float(), self.weight.float(), self.bias.float())
+
+
 class Discriminator(nn.Module):
     """D(x, t, c) -> logit [B]: the diffusion MMDiT backbone (all layers trainable) plus cross-attention
     heads on the visual tokens after chosen layers; their tokens are concatenated, LayerNorm-ed and
@@ -96,8 +110,10 @@ class Discriminator(nn.Module):
         self.heads = nn.ModuleList(
             [CrossAttentionHead(d, bcfg.num_heads, cfg.head_mlp_ratio, bcfg.norm_eps) for _ in self.head_layers]
         )
-        self.norm = nn.LayerNorm(d * len(self.head_layers), eps=bcfg.norm_eps)
-        self.proj = nn.Linear(d * len(self.head_layers), 1)
+        # The logit is formed in fp32: with bf16 weights D(x) - D(x + sigma eps) (aR1, sigma = 0.01) would be
+        # rounded to a multiple of ~0.4% of |D(x)|, often exactly 0.
+        self.norm = FP32LayerNorm(d * len(self.head_layers), eps=bcfg.norm_eps)
+        self.proj = FP32Linear(d * len(self.head_layers), 1)
 
     @torch.no_grad()
     def init_heads(self, std: float = 0.02, generator: torch.Generator | None = None):
@@ -115,4 +131,4 @@ class Discriminator(nn.Module):
         feats = self.backbone(x, t, text, text_mask, pooled, features_at=self.head_layers)
         tokens = [head(f) for head, f in zip(self.heads, feats)]
         h = self.norm(torch.cat(tokens, dim=-1))
-        return self.proj(h)[:, 0].float()
+        return self.proj(h)[:, 0]
