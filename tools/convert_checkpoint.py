@@ -3,9 +3,24 @@
 
   import-diffusers  a diffusers SD3Transformer2DModel directory -> a megatron_apt model directory
   export-diffusers  an SD3-configured megatron_apt model directory -> a diffusers SD3Transformer2DModel dir
+  consolidate       a training checkpoint (RUN/checkpoints/step-N, or RUN: its latest; ZeRO-3 partitions on
+                    every tensor-parallel rank) -> model directories (G, D, the flow/cd model; raw or EMA)
+  reshard           a model directory <-> N tensor-parallel shard files (model-tp{r}-of-{N}.safetensors)
+  make-apt-init     consistency-distilled G-hat + diffusion weights -> DIR/generator and DIR/discriminator
+  export-generator  the one-step generator (EMA by default) of a run, checkpoint or model dir -> an
+                    inference model directory of kind "generator"
+
+  convert_checkpoint.py consolidate --input runs/apt_image --output ckpt/apt_image_step500 --verify
+  convert_checkpoint.py consolidate --input runs/apt_image/checkpoints/step-00000350 --model G --ema --output g_ema
+  convert_checkpoint.py reshard --input g_ema --output g_ema_tp2 --tp 2 --verify
+  convert_checkpoint.py make-apt-init --diffusion diff_8b --consistency cd_8b --output apt_init --verify
+  convert_checkpoint.py export-generator --input runs/apt_image --output seaweed_apt_image --dtype bfloat16
 
 Writes are atomic (a killed conversion leaves nothing that looks complete), inputs are never modified,
-and only safetensors / JSON are read (nothing is unpickled).
+and only safetensors / JSON are read (nothing is unpickled). Bad input (a missing or truncated shard,
+mismatched shapes, another preset than --expect-preset, a kind mismatch, an existing output without
+--overwrite) exits with status 2 and a message on stderr; a failed --verify exits with status 1 and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -75,7 +90,64 @@ def cmd_export_diffusers(a) -> None:
         verify_against_diffusers(model, a.output)
 
 
+def cmd_consolidate(a) -> None:
+    from megatron_apt.checkpoint.convert import consolidate
+
+    rep = consolidate(a.input, a.output, model=a.model, ema=a.ema, dtype=a.dtype, overwrite=a.overwrite,
+                      expect_preset=a.expect_preset, verify=a.verify, buffers_from=a.buffers_from, echo=print)
+    print(rep.text())
+
+
+def cmd_reshard(a) -> None:
+    from megatron_apt.checkpoint.convert import reshard
+
+    rep = reshard(a.input, a.output, a.tp, overwrite=a.overwrite, expect_preset=a.expect_preset, verify=a.verify,
+                  echo=print)
+    print(rep.text())
+
+
+def _layers(text):
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--head-layers takes comma-separated layer numbers, got {text!r}")
+
+
+def cmd_make_apt_init(a) -> None:
+    from megatron_apt.checkpoint.convert import make_apt_init
+
+    rep = make_apt_init(a.diffusion, a.consistency, a.output, head_layers=a.head_layers, seed=a.seed,
+                        head_mlp_ratio=a.head_mlp_ratio, overwrite=a.overwrite, expect_preset=a.expect_preset,
+                        verify=a.verify, echo=print)
+    print(rep.text())
+
+
+def cmd_export_generator(a) -> None:
+    from megatron_apt.checkpoint.convert import export_generator
+
+    rep = export_generator(a.input, a.output, ema=a.ema, dtype=a.dtype, overwrite=a.overwrite,
+                           expect_preset=a.expect_preset, verify=a.verify, buffers_from=a.buffers_from, echo=print)
+    print(rep.text())
+
+
+def _common(s, verify_help: str) -> None:
+    s.add_argument("--output", required=True)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    s.add_argument("--verify", action="store_true", help=verify_help)
+    s.add_argument("--expect-preset", metavar="NAME", help="refuse a model whose config is not this preset's")
+
+
+DTYPES = ["float32", "bfloat16", "float16"]
+BUFFERS_HELP = ("a model dir (the run's model.init / model.teacher) to copy fixed buffers from (SD3's sin-cos position "
+                "table): ZeRO-3 checkpoints hold none, and recomputing it from the config can differ from an "
+                "imported table in the last bits")
+
+
 def main(argv=None) -> int:
+    from megatron_apt.checkpoint.convert import DEFAULT_SEED, VerificationError
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, fn, help_ in [
@@ -88,9 +160,50 @@ def main(argv=None) -> int:
         s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         s.add_argument("--verify", action="store_true", help="reload and compare outputs with diffusers (fp32)")
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("consolidate", help="training checkpoint -> model directories")
+    s.add_argument("--input", required=True, help="RUN/checkpoints/step-N, or RUN (its latest checkpoint)")
+    s.add_argument("--model", help="only this model: G or D (APT), model (flow / cd); output is then its model dir. "
+                                   "Default: every model, as sub-directories named like the trainer's export")
+    s.add_argument("--ema", action="store_true", help="the model's EMA instead of its raw weights (with --model)")
+    s.add_argument("--dtype", choices=DTYPES, help="cast the fp32 master weights (default: keep float32)")
+    s.add_argument("--buffers-from", metavar="MODEL_DIR", help=BUFFERS_HELP)
+    _common(s, "re-partition the result and compare with every rank file, reload, run a CPU forward")
+    s.set_defaults(fn=cmd_consolidate)
+
+    s = sub.add_parser("reshard", help="model dir <-> N tensor-parallel shard files")
+    s.add_argument("--input", required=True, help="a model directory, consolidated or sharded")
+    s.add_argument("--tp", type=int, required=True, help="tensor-parallel size of the output (1: consolidated)")
+    _common(s, "reassemble the shards and compare bit for bit, run a CPU forward")
+    s.set_defaults(fn=cmd_reshard)
+
+    s = sub.add_parser("make-apt-init", help="G-hat + diffusion weights -> DIR/generator, DIR/discriminator")
+    s.add_argument("--diffusion", required=True, help="the diffusion model dir (the discriminator's backbone)")
+    s.add_argument("--consistency", required=True, help="the consistency-distilled G-hat (or a generator) dir")
+    s.add_argument("--head-layers", type=_layers, help="1-based discriminator head layers, e.g. 16,26,36 "
+                                                       "(default: the paper's 16/36, 26/36, 36/36 of the depth)")
+    s.add_argument("--head-mlp-ratio", type=float, default=4.0)
+    s.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help="training seed: heads are drawn as the APT stage of a run with this seed draws them")
+    _common(s, "reload both, compare tensors, run CPU forwards")
+    s.set_defaults(fn=cmd_make_apt_init)
+
+    s = sub.add_parser("export-generator", help="the one-step generator -> an inference model dir")
+    s.add_argument("--input", required=True, help="RUN, RUN/checkpoints/step-N, or a generator model dir")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--ema", dest="ema", action="store_true", default=True, help="the EMA generator (default)")
+    g.add_argument("--raw", dest="ema", action="store_false", help="the raw (non-EMA) generator weights")
+    s.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep their dtype)")
+    s.add_argument("--buffers-from", metavar="MODEL_DIR", help=BUFFERS_HELP)
+    _common(s, "reload as generation code does, compare tensors, run a CPU forward")
+    s.set_defaults(fn=cmd_export_generator)
+
     a = p.parse_args(argv)
     try:
         a.fn(a)
+    except VerificationError as e:
+        print(f"verification failed: {e} (nothing was written)", file=sys.stderr)
+        return 1
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -154,7 +154,8 @@ class TorchEngine:
 
     # ---- checkpoint state (this rank's shard, tensors only) ----
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"param.{n}": p.detach().contiguous() for n, p in self.module.state_dict().items()}
+        # megatron-core layers add `_extra_state` entries (None) to state_dict: tensors only
+        out = {f"param.{n}": p.detach().contiguous() for n, p in self.module.state_dict().items() if torch.is_tensor(p)}
         opt = self.optimizer.state_dict()
         for i, st in opt["state"].items():
             for k, v in st.items():
@@ -275,6 +276,8 @@ class DeepSpeedEngine(TorchEngine):
 
     @torch.no_grad()
     def _write_masters_to_params(self, flats: list[torch.Tensor]) -> None:
+        # parameters a no-grad forward left gathered would keep serving the old values: release them first
+        self.engine.empty_partition_cache()
         zopt = self.engine.optimizer
         for i, f in enumerate(flats):
             if f.numel():

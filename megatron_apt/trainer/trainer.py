@@ -173,6 +173,8 @@ class Trainer:
         for ename, eng in self.stage.engines().items():
             for k, v in eng.state_tensors().items():
                 tensors[f"{ename}.{k}"] = v.detach().cpu().contiguous()
+            for k, b in eng.module.named_buffers():  # ZeRO-3 state holds no buffers (e.g. SD3's sin-cos table)
+                tensors[f"{ename}.buffer.{k}"] = b.detach().cpu().contiguous()
         # the folder is renamed into place only when every rank has written: no partial step-N is ever visible
         save_file(tensors, str(tmp / f"rank{_rank():05d}.safetensors"))
         layout = {"rank": _rank(), "tp_rank": self.ps.get_tensor_model_parallel_rank(),
@@ -186,7 +188,8 @@ class Trainer:
                 mod = e.module.backbone if hasattr(e.module, "backbone") else e.module
                 models[n] = {"model": mod.config.to_dict(),
                              "head_layers": list(getattr(e.module, "head_layers", [])) or None,
-                             "kind": {"G": "generator", "D": "discriminator"}.get(n, "diffusion")}
+                             "kind": {"G": "generator", "D": "discriminator"}.get(
+                                 n, "consistency" if self.cfg.stage == "cd" else "diffusion")}
             atomic_write_json(tmp / "trainer.json", {"version": CKPT_VERSION, "step": self.step,
                                                       "models": models, "tp": self.dims.tp, "sp": self.dims.sp,
                                                       "world_size": dist.get_world_size(),
@@ -222,7 +225,8 @@ class Trainer:
         tensors = load_file(str(f), device=str(self.device))
         for ename, eng in self.stage.engines().items():
             pre = f"{ename}."
-            eng.load_state_tensors({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+            eng.load_state_tensors({k[len(pre):]: v for k, v in tensors.items()
+                                    if k.startswith(pre) and not k.startswith(pre + "buffer.")})
         self.step = int(meta["step"])
         self.low_d_count = int(meta.get("low_d_count", 0))
         log.info("resumed from %s (step %d)", path, self.step)
