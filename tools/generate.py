@@ -95,6 +95,7 @@ def main(argv=None) -> int:
             frames = max(1, round(a.seconds * a.fps))
             if gen.vae is not None and gen.vae.temporal_compression > 1:
                 frames = (frames // gen.vae.temporal_compression) * gen.vae.temporal_compression + 1
+        gen.latent_shape(frames, h, w)  # validates the size against the VAE and patch factors up front
         tile = a.vae_tiling == "on"
         if a.vae_tiling == "auto" and gen.vae is not None and device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)

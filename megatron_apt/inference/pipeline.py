@@ -107,10 +107,10 @@ class Generator:
         if self.vae is None:
             shape = (cfg.in_channels, frames, height, width)
         else:
-            shape = tuple(self.vae.latent_shape(frames, height, width))
             s = self.vae.spatial_compression
             if height % s or width % s:
                 raise ValueError(f"resolution {width}x{height} is not divisible by the VAE's spatial factor {s}")
+            shape = tuple(self.vae.latent_shape(frames, height, width))
         _, T, H, W = shape
         pt, ph, pw = cfg.patch_size
         if T % pt or H % ph or W % pw:
