@@ -24,7 +24,7 @@ say() { printf '\n==> [%4ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 if [ "$QUICK" = 1 ]; then
   NV=32; NI=32; S_CD="steps=2"; S_IMG="steps=2"; S_VID="steps=2"; S_ABL="steps=2"; NEVAL=8
 else
-  NV=512; NI=512; S_CD=""; S_IMG=""; S_VID=""; S_ABL=""; NEVAL=48
+  NV=256; NI=256; S_CD=""; S_IMG=""; S_VID=""; S_ABL=""; NEVAL=32
 fi
 
 say "1/8 toy data: moving handwritten digits (scikit-learn) as real mp4 files and PNG images"

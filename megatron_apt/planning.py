@@ -1,0 +1,854 @@
+"""Memory and step-time planner: will a stage fit on a GPU with a given layout, and how long is an update?
+
+    from megatron_apt.planning import PlanRequest, make_plan, format_plan, search
+    plan = make_plan(PlanRequest(stage="apt_video", world=1024, tp=1, sp=1, micro_batch=1, global_batch=2048))
+    print(format_plan(plan))                       # or: python tools/plan.py --stage apt_video --gpus 1024
+
+The networks are built on the meta device (no memory), so parameter counts are exact for any preset. Per GPU
+the planner counts, for every engine the trainer builds (APT: G and D; cd: the student plus a frozen
+teacher; flow: one model):
+
+* **Parameters** under DeepSpeed ZeRO-3: each tensor-parallel-local parameter padded to a multiple of the
+  ZeRO group (data parallel x sequence parallel, see `trainer.engines.MegatronMPU`) and cut into equal
+  shards, ceil(n / zero_world) elements per rank, in bf16. Parameters with at most
+  `stage3_param_persistence_threshold` elements also stay whole on every rank. While a block runs its
+  parameters are gathered: the working set is taken as two of the largest blocks (the one running and the
+  one prefetched; recompute and backward of a block reuse one gather).
+* **Gradients**: ZeRO-3 keeps a bf16 gradient shard per parameter shard (DeepSpeed's gradient
+  accumulation dtype is the model dtype unless configured) and a contiguous reduce bucket of
+  `reduce_bucket_size` (5e8, DeepSpeed's default; the trainer does not change it) elements per engine;
+  the optimizer step builds an fp32 copy of one sub-group's gradient shard for the update.
+* **fp32 master weights and optimizer state**: 4 bytes per shard element each; RMSprop keeps one state
+  tensor (square_avg), AdamW two.
+* **EMA** (G for APT, the target network for cd, the model for flow when apt.ema_decay > 0): one fp32
+  tensor per fp32 master shard. cd's `ema_weights()` also holds a clone of the master shards while the
+  target runs.
+* **The cd teacher**: a plain module, whole on every rank of a tensor-parallel group (bf16).
+* **Activations**, at the real sequence lengths (visual tokens / sp and text tokens padded to a multiple of
+  sp per rank; bf16). The model per transformer block, in elements of width D per token (D = hidden size):
+
+  - with activation checkpointing every block of every pass that keeps a graph stores its inputs: the
+    visual and text streams, 1 x D per token (timestep, modulation and rotary tables are shared by all
+    blocks and negligible);
+  - one block at a time is recomputed in the backward pass and holds its full activations:
+    `ACT_REPLICATED` = 7 D per token outside the tensor-parallel region (two LayerNorm outputs, two
+    modulated inputs, the attention-output and MLP-output tensors the gates multiply, the mid-block
+    residual) and `ACT_TP` = 14 D / tp inside it (q and k before their RMSNorm, the concatenated joint
+    q, k, v the attention kernel keeps, its output, the MLP's 4 D hidden before and after GELU);
+  - its backward adds gradient buffers of about `TRANSIENT_REPLICATED` + `TRANSIENT_TP` / tp = 3 + 8 / tp
+    D per token;
+  - attention runs in flash / cuDNN kernels, which keep O(L) (the output and a log-sum-exp per query),
+    never the L x L score matrix;
+  - outside the blocks (embeddings, the output head, the discriminator heads, latents and noise)
+    `OUTSIDE_BLOCKS` = 4 D per token per pass;
+  - a forward without a graph (G in the discriminator update, the cd teacher and target) peaks at about
+    `NOGRAD_REPLICATED` + `NOGRAD_TP` / tp = 3 + 8 / tp D per token for one block.
+
+  Without activation checkpointing every block keeps its full activations.
+  Phases are planned separately (APT: the discriminator update, with D on the fused batch [real,
+  perturbed real, fake] of 3 x micro-batch samples, and the generator update, with G and a frozen D both
+  keeping graphs); the peak is the largest phase.
+* **Runtime reserve**: `RESERVE_GIB` for the CUDA context, cuBLAS / cuDNN workspaces and NCCL buffers, plus
+  `FRAGMENTATION` of the phase's dynamic memory for the caching allocator's fragmentation.
+
+Parameters, gradient shards, master weights, optimizer state and EMA are counted exactly (checked against
+DeepSpeed's own buffers in tests/unit/test_plan.py); the activation model is an estimate.
+
+Step time: model FLOPs per sample of each pass come from `metrics.flops`; the planner runs them at the
+measured single-GPU training rate (`MEASURED_TRAIN_TFLOPS`, the 2b APT step on one H200 in model FLOP/s,
+converted to a hardware rate that includes activation-checkpointing recompute) split over the tp x sp
+GPUs that share a sample. Communication: ZeRO-3 all-gathers each engine's parameters once per forward
+and once for recompute + backward, and reduce-scatters its gradients, in every micro-step, over the
+inter-node network (`INTER_NODE_GBPS` per GPU), overlapped with that pass's compute (a pass costs
+max(compute, traffic)); tensor-parallel all-reduces and Ulysses all-to-alls run inside a node
+(`INTRA_NODE_GBPS`) and are not overlapped; `OVERHEAD` is added for the optimizer step, EMA, data loading
+and logging. The slowest data-parallel rank (the one with the most samples of the exact global batch)
+sets the update time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megatron_apt.config.model import DiscriminatorConfig, MMDiTConfig, get_model_config
+from megatron_apt.parallel.state import ParallelDims
+from megatron_apt.trainer.batching import BatchPlan, plan_batch
+
+GIB = float(2**30)
+
+# ---- DeepSpeed ZeRO-3 defaults that trainer/engines.py leaves unchanged ---------------------------------
+DS_REDUCE_BUCKET_SIZE = 500_000_000
+"""zero_optimization.reduce_bucket_size: the contiguous gradient bucket, elements per engine."""
+DS_SUB_GROUP_SIZE = 1_000_000_000
+"""zero_optimization.sub_group_size: the optimizer step's fp32 gradient is built one sub-group at a time."""
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000
+"""zero_optimization.stage3_max_live_parameters: an upper bound on gathered parameter elements."""
+
+# ---- hardware ------------------------------------------------------------------------------------------
+H100_80GB_GIB = 81559 / 1024
+"""An H100 80 GB as nvidia-smi reports it: 81,559 MiB = 79.6 GiB."""
+MEASURED_TRAIN_TFLOPS = 364.0
+"""Model TFLOP/s of the 2b APT training step measured on one H200 (bf16, micro-batch 1, 46,800 visual + 512
+text tokens, activation checkpointing, compiled; 7319 model TFLOP in 20.1 s). The H100 SXM has the same
+datasheet bf16 peak (989 TFLOP/s) and less memory bandwidth (3.35 vs 4.8 TB/s): this rate is assumed for
+the H100, which makes the step times optimistic by the memory-bound share of the step."""
+MEASURED_CONFIG = ("2b", 46_800, 512)
+"""Preset, visual tokens and text tokens of that measurement (to convert it to a hardware FLOP rate)."""
+INTER_NODE_GBPS = 40.0
+"""Achieved all-gather / reduce-scatter bandwidth per GPU across nodes, GB/s (one 400 Gb/s NIC per GPU)."""
+INTRA_NODE_GBPS = 300.0
+"""Achieved all-reduce / all-to-all bandwidth per GPU inside an NVLink node, GB/s."""
+OVERHEAD = 0.05
+"""Allowance for the optimizer step, EMA update, data loading and logging, as a fraction of the update."""
+
+# ---- activation model (elements of width D per token; see the module docstring) -------------------------
+ACT_REPLICATED = 7
+ACT_TP = 14
+TRANSIENT_REPLICATED = 3
+TRANSIENT_TP = 8
+NOGRAD_REPLICATED = 3
+NOGRAD_TP = 8
+OUTSIDE_BLOCKS = 4
+RESERVE_GIB = 2.0
+FRAGMENTATION = 0.10
+WORKING_SET_BLOCKS = 2
+
+STAGES = ("flow", "cd", "apt_image", "apt_video")
+
+
+# ------------------------------------------------------------------------------------------------------
+# samples
+# ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    """One training sample as the model sees it."""
+
+    kind: str
+    """'image' or 'video'."""
+    width: int
+    height: int
+    frames: int
+    latent: tuple[int, int, int, int]
+    """[C, T, H, W] of the VAE latent."""
+    n_visual: int
+    n_text: int
+
+    def describe(self) -> str:
+        C, T, H, W = self.latent
+        what = (f"{self.width}x{self.height} image" if self.kind == "image"
+                else f"{self.width}x{self.height} video, {self.frames} frames")
+        return (f"{what} -> latent {C}x{T}x{H}x{W} -> {self.n_visual:,} visual + {self.n_text} text tokens "
+                f"= {self.n_visual + self.n_text:,}")
+
+
+def image_sample(cfg: MMDiTConfig, size: int = 1024, text_tokens: int = 512, vae_factor: int = 8,
+                 height: int | None = None) -> Sample:
+    """A size x size image (or size x height): latent H/8 x W/8, then the model's 2 x 2 patches
+    (1024px -> 128x128 latent -> 64x64 = 4096 tokens)."""
+    from megatron_apt.metrics.flops import visual_tokens
+
+    w, h = size, height or size
+    if w % vae_factor or h % vae_factor:
+        raise ValueError(f"image {w}x{h} is not divisible by the VAE factor {vae_factor}")
+    latent = (cfg.in_channels, 1, h // vae_factor, w // vae_factor)
+    return Sample("image", w, h, 1, latent, visual_tokens(cfg, latent[1:]), text_tokens)
+
+
+def video_sample(cfg: MMDiTConfig, width: int = 1280, height: int = 720, seconds: float = 2.0, fps: int = 24,
+                 text_tokens: int = 512, vae_factor: int = 8, vae_temporal: int = 4) -> Sample:
+    """A clip of seconds x fps + 1 frames (the causal video VAE's 1 + 4k frames: 2 s at 24 fps = 49 frames ->
+    13 latent frames), latent H/8 x W/8: 1280x720 -> 16x13x90x160 -> 13x45x80 = 46,800 tokens."""
+    from megatron_apt.metrics.flops import visual_tokens
+
+    frames = int(round(seconds * fps)) + 1
+    if width % vae_factor or height % vae_factor:
+        raise ValueError(f"video {width}x{height} is not divisible by the VAE factor {vae_factor}")
+    latent = (cfg.in_channels, 1 + (frames - 1) // vae_temporal, height // vae_factor, width // vae_factor)
+    return Sample("video", width, height, frames, latent, visual_tokens(cfg, latent[1:]), text_tokens)
+
+
+# ------------------------------------------------------------------------------------------------------
+# parameters
+# ------------------------------------------------------------------------------------------------------
+# parameters of the backbone's blocks, the only ones tensor parallel splits (G and D hold it as .backbone)
+_BLOCK_PARAM = re.compile(r"^(?:backbone\.)?blocks\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _tp_kinds() -> dict[str, str]:
+    from megatron_apt.parallel.tensor_parallel import BLOCK_PLAN
+
+    return dict(BLOCK_PLAN)
+
+
+def tp_local_numel(name: str, numel: int, tp: int, kinds: dict[str, str] | None = None) -> int:
+    """Elements of parameter `name` on one tensor-parallel rank (the plan of parallel.tensor_parallel:
+    column-parallel weights and biases and row-parallel weights are split, everything else is whole)."""
+    if tp == 1:
+        return numel
+    kinds = kinds if kinds is not None else _tp_kinds()
+    m = _BLOCK_PARAM.search(name)
+    if not m:
+        return numel
+    kind = kinds.get(m.group(2))
+    if kind == "column" or (kind == "row" and m.group(3) == "weight"):
+        if numel % tp:
+            raise ValueError(f"{name} ({numel} elements) does not split over tensor parallel {tp}")
+        return numel // tp
+    return numel
+
+
+@dataclass
+class NetCount:
+    """One network as one rank holds it."""
+
+    name: str
+    total: int
+    """Parameters of the whole network."""
+    local: int
+    """Parameters on one tensor-parallel rank."""
+    partition: int
+    """ZeRO-3 shard elements on one rank: sum over parameters of ceil(local / zero_world)."""
+    persistent: int
+    """Elements of parameters small enough to stay whole on every rank (ZeRO-3 persistence threshold)."""
+    largest_block: int
+    """Tensor-parallel-local elements of the largest transformer block (the gathered working set)."""
+    unused: int = 0
+    """Tensor-parallel-local elements that no forward reaches (D's output head and any block past its deepest
+    head layer): they never get a gradient, so torch optimizers keep no state for them (ZeRO-3's flat
+    shards do)."""
+    trainable: bool = True
+
+
+def _unused(module: torch.nn.Module, pname: str) -> bool:
+    """Parameters no forward of this network reaches."""
+    layers = getattr(module, "head_layers", None)
+    if layers is not None:  # the discriminator stops after its deepest head layer (features_at)
+        if pname.startswith(("backbone.norm_out.", "backbone.proj_out.")):
+            return True
+        m = _BLOCK_PARAM.search(pname)
+        if m and int(m.group(1)) >= max(layers):
+            return True
+    # SD3 checkpoints keep a text query in the last (context-pre-only) block that is never used
+    m = _BLOCK_PARAM.search(pname)
+    backbone = getattr(module, "backbone", module)
+    if m and (".c_q." in "." + m.group(2) + "." or ".c_norm_q." in "." + m.group(2) + "."):
+        return bool(backbone.blocks[int(m.group(1))].context_pre_only)
+    return False
+
+
+def count_network(module: torch.nn.Module, name: str, tp: int, zero_world: int, persistence_threshold: int,
+                  trainable: bool = True) -> NetCount:
+    kinds = _tp_kinds()
+    total = local = partition = persistent = unused = 0
+    blocks: dict[int, int] = {}
+    for pname, p in module.named_parameters():
+        n = p.numel()
+        nl = tp_local_numel(pname, n, tp, kinds)
+        total += n
+        local += nl
+        partition += -(-nl // zero_world)
+        if nl <= persistence_threshold:
+            persistent += nl
+        if _unused(module, pname):
+            unused += nl
+        m = _BLOCK_PARAM.search(pname)
+        if m:
+            blocks[int(m.group(1))] = blocks.get(int(m.group(1)), 0) + nl
+    return NetCount(name, total, local, partition, persistent, max(blocks.values(), default=0), unused, trainable)
+
+
+def build_networks(stage: str, model_cfg: MMDiTConfig, dcfg: DiscriminatorConfig | None = None
+                   ) -> dict[str, torch.nn.Module]:
+    """The stage's networks on the meta device, as the trainer builds them (methods/stages.py)."""
+    from megatron_apt.models import Discriminator, MMDiT, OneStepGenerator
+
+    with torch.device("meta"):
+        if stage in ("apt_image", "apt_video"):
+            return {"G": OneStepGenerator(MMDiT(model_cfg)), "D": Discriminator(MMDiT(model_cfg), dcfg)}
+        if stage == "cd":
+            return {"model": MMDiT(model_cfg), "teacher": MMDiT(model_cfg)}
+        if stage == "flow":
+            return {"model": MMDiT(model_cfg)}
+    raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the request and the plan
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class PlanRequest:
+    """A stage, a model and a layout to plan (request_from_config builds one from a training YAML)."""
+
+    stage: str = "apt_image"
+    """'flow', 'cd', 'apt_image' or 'apt_video'."""
+    preset: str = "8b"
+    """Model preset (config/model.py)."""
+    model_overrides: dict = field(default_factory=dict)
+    """MMDiTConfig fields changed on top of the preset."""
+    head_layers: tuple | None = None
+    """Discriminator head layers; None = the paper's 16/26/36-of-36 fractions."""
+    world: int = 256
+    """GPUs."""
+    tp: int = 1
+    """Tensor-parallel size."""
+    sp: int = 1
+    """Ulysses sequence-parallel size."""
+    micro_batch: int = 1
+    """Samples per GPU group per forward."""
+    global_batch: int = 9062
+    """Samples per update, exactly (trainer.batching.plan_batch)."""
+    steps: int | None = None
+    """Updates, for the total time (None: no total)."""
+    activation_checkpointing: bool = True
+    precision: str = "bf16"
+    """'bf16' (DeepSpeed bf16 or torch autocast) or 'fp32'."""
+    engine: str = "deepspeed"
+    """'deepspeed' (ZeRO-3) or 'torch' (whole fp32 parameters on every rank)."""
+    zero_stage: int = 3
+    persistence_threshold: int = 100_000
+    """ZeRO-3 stage3_param_persistence_threshold (parallel.zero_persistence_threshold)."""
+    optimizer: str = "rmsprop"
+    """'rmsprop' (one state tensor) or 'adamw' (two)."""
+    ema: bool = True
+    """An fp32 EMA of G (APT), of the target network (cd) or of the model (flow with apt.ema_decay > 0)."""
+    use_r1: bool = True
+    """aR1 adds the perturbed real samples to the discriminator's fused batch (3 x micro-batch, else 2 x)."""
+    sample: Sample | None = None
+    """None: a 1024px image for apt_image, a 1280x720 2 s video otherwise."""
+    gpu_mem_gib: float = H100_80GB_GIB
+    """Memory a layout must fit in."""
+    gpus_per_node: int = 8
+    """tp x sp must stay inside a node."""
+    tflops: float = MEASURED_TRAIN_TFLOPS
+    """Model TFLOP/s per GPU of a training step (measured)."""
+    inter_node_gbps: float = INTER_NODE_GBPS
+    intra_node_gbps: float = INTRA_NODE_GBPS
+    reserve_gib: float = RESERVE_GIB
+    fragmentation: float = FRAGMENTATION
+
+    def model_config(self) -> MMDiTConfig:
+        return get_model_config(self.preset, **self.model_overrides)
+
+    def resolved_sample(self) -> Sample:
+        if self.sample is not None:
+            return self.sample
+        cfg = self.model_config()
+        return image_sample(cfg) if self.stage == "apt_image" else video_sample(cfg)
+
+
+@dataclass
+class Item:
+    label: str
+    bytes: float
+    note: str = ""
+    per: dict = field(default_factory=dict)
+    """Bytes of each network, where the item is a sum over networks."""
+
+
+@dataclass
+class Phase:
+    name: str
+    items: list[Item]
+    peak: float | None = None
+    """Set when the items do not all coexist (the torch engine: gradients grow as stored inputs are freed)."""
+    peak_note: str = ""
+
+    @property
+    def bytes(self) -> float:
+        return sum(i.bytes for i in self.items) if self.peak is None else self.peak
+
+
+@dataclass
+class Memory:
+    static: list[Item]
+    phases: list[Phase]
+    reserve_gib: float
+    fragmentation: float
+
+    @property
+    def static_bytes(self) -> float:
+        return sum(i.bytes for i in self.static)
+
+    @property
+    def peak_phase(self) -> Phase:
+        return max(self.phases, key=lambda p: p.bytes)
+
+    @property
+    def fragmentation_bytes(self) -> float:
+        return self.fragmentation * self.peak_phase.bytes
+
+    @property
+    def total_bytes(self) -> float:
+        return self.static_bytes + self.peak_phase.bytes + self.fragmentation_bytes + self.reserve_gib * GIB
+
+    def item(self, label: str) -> float:
+        """Bytes of a static item by its label (0 if absent)."""
+        return sum(i.bytes for i in self.static if i.label == label)
+
+
+@dataclass
+class StepTime:
+    per_update_s: float
+    compute_s: float
+    exposed_zero_s: float
+    tpsp_s: float
+    overhead_s: float
+    micro_steps: int
+    samples_slowest_rank: int
+    flops_model_per_sample: float
+    flops_hardware_per_sample: float
+    hw_rate_tflops: float
+    passes: list[dict[str, Any]]
+    updates: int | None = None
+
+    @property
+    def total_hours(self) -> float | None:
+        return None if self.updates is None else self.updates * self.per_update_s / 3600
+
+
+@dataclass
+class Plan:
+    request: PlanRequest
+    dims: ParallelDims
+    batch: BatchPlan
+    sample: Sample
+    nets: dict[str, NetCount]
+    memory: Memory
+    time: StepTime
+
+    @property
+    def total_gib(self) -> float:
+        return self.memory.total_bytes / GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gib <= self.request.gpu_mem_gib
+
+
+class LayoutError(ValueError):
+    """A layout that cannot run at all (divisibility), as opposed to one that does not fit in memory."""
+
+
+def check_layout(req: PlanRequest, cfg: MMDiTConfig, sample: Sample) -> ParallelDims:
+    if req.stage not in STAGES:
+        raise LayoutError(f"unknown stage {req.stage!r}; known: {', '.join(STAGES)}")
+    if req.engine == "deepspeed" and req.zero_stage != 3:
+        raise LayoutError("the planner models DeepSpeed ZeRO-3 (parallel.zero_stage=3) or the torch engine")
+    if req.engine not in ("deepspeed", "torch"):
+        raise LayoutError(f"engine must be deepspeed or torch, got {req.engine!r}")
+    try:
+        dims = ParallelDims.from_world(req.world, tp=req.tp, sp=req.sp)
+    except ValueError as e:
+        raise LayoutError(str(e)) from None
+    if cfg.num_heads % (req.tp * req.sp):
+        raise LayoutError(f"{cfg.num_heads} attention heads are not divisible by tp x sp = {req.tp} x {req.sp}")
+    if req.tp * req.sp > req.gpus_per_node:
+        raise LayoutError(f"tp x sp = {req.tp * req.sp} spans more than one node of {req.gpus_per_node} GPUs "
+                          "(their collectives need NVLink)")
+    if sample.n_visual % req.sp:
+        raise LayoutError(f"{sample.n_visual} visual tokens do not split over sequence parallel {req.sp}")
+    if req.micro_batch < 1:
+        raise LayoutError("micro-batch must be >= 1")
+    if req.global_batch < dims.dp:
+        raise LayoutError(f"global batch {req.global_batch} cannot be formed over {dims.dp} data-parallel ranks")
+    return dims
+
+
+def _act_bytes(req: PlanRequest) -> int:
+    return 2 if req.precision == "bf16" else 4
+
+
+def _deepest(nets_modules, cfg) -> int:
+    D = nets_modules.get("D")
+    return max(D.head_layers) if D is not None else cfg.num_layers
+
+
+@dataclass
+class _Pass:
+    """One forward (and maybe backward) of one network over a micro-batch."""
+
+    name: str
+    net: str
+    batch_factor: int
+    """Samples per micro-batch sample (3 for D on [real, perturbed, fake])."""
+    layers: int
+    graph: bool
+    trains: bool
+    """Its weights get gradients in this pass (a reduce-scatter under ZeRO-3)."""
+    zero: bool = True
+    """Its parameters are ZeRO-3 shards (gathered per use); the cd teacher is not."""
+
+
+def stage_phases(req: PlanRequest, cfg: MMDiTConfig, deepest: int) -> list[tuple[str, list[_Pass]]]:
+    """The passes of one update, grouped in the phases whose memory is planned separately."""
+    L = cfg.num_layers
+    if req.stage in ("apt_image", "apt_video"):
+        n_d = 3 if req.use_r1 else 2
+        return [
+            ("D update", [_Pass("G forward (no grad)", "G", 1, L, False, False),
+                          _Pass(f"D forward+backward on {n_d} x micro-batch", "D", n_d, deepest, True, True)]),
+            ("G update", [_Pass("G forward+backward", "G", 1, L, True, True),
+                          _Pass("D forward+backward to its input (frozen)", "D", 1, deepest, True, False)]),
+        ]
+    if req.stage == "cd":
+        return [("update", [_Pass("teacher forward, cond + uncond (no grad)", "teacher", 2, L, False, False,
+                                  zero=False),
+                            _Pass("EMA target forward (no grad)", "model", 1, L, False, False),
+                            _Pass("student forward+backward", "model", 1, L, True, True)])]
+    return [("update", [_Pass("forward+backward", "model", 1, L, True, True)])]
+
+
+def _pass_activations(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, p: _Pass, micro: int):
+    """(stored, outside, working) bytes of one pass on one rank."""
+    ab = _act_bytes(req)
+    sp, tp = req.sp, req.tp
+    tokens = micro * p.batch_factor * (sample.n_visual // sp + -(-sample.n_text // sp))
+    unit = tokens * cfg.hidden_size * ab  # one D-wide tensor over the pass's tokens
+    full = ACT_REPLICATED + ACT_TP / tp
+    if not p.graph:
+        return 0.0, 0.0, unit * (NOGRAD_REPLICATED + NOGRAD_TP / tp)
+    trans = TRANSIENT_REPLICATED + TRANSIENT_TP / tp
+    if req.activation_checkpointing:
+        return p.layers * unit, OUTSIDE_BLOCKS * unit, unit * (full + trans)
+    return p.layers * unit * full, OUTSIDE_BLOCKS * unit, unit * trans
+
+
+def plan_memory(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, nets: dict[str, NetCount], deepest: int,
+                micro: int) -> Memory:
+    pb = 2 if req.precision == "bf16" else 4
+    trained = {k: n for k, n in nets.items() if n.trainable}
+    n_states = {"rmsprop": 1, "adamw": 2}[req.optimizer]
+    state_desc = {"rmsprop": "RMSprop: square_avg", "adamw": "AdamW: exp_avg, exp_avg_sq"}[req.optimizer]
+    ema_nets = ([k for k in trained if k in ("G", "model")]) if req.ema else []
+    static: list[Item] = []
+
+    def add(label, f, keys=None, prefix=""):
+        keys = list(trained) if keys is None else keys
+        per = {k: float(f(nets[k])) for k in keys}
+        note = prefix + ", ".join(f"{k} {v / GIB:.2f}" for k, v in per.items())
+        static.append(Item(label, sum(per.values()), note, per))
+
+    if req.engine == "deepspeed":
+        add("parameters: ZeRO-3 shards", lambda n: n.partition * pb, prefix=f"{'bf16' if pb == 2 else 'fp32'}; ")
+        add("parameters kept whole (persistence threshold)", lambda n: n.persistent * pb,
+            prefix=f"<= {req.persistence_threshold:,} elements each; ")
+        add("gradients: ZeRO-3 shards", lambda n: n.partition * pb)
+        add("gradients: ZeRO-3 reduce buckets", lambda n: DS_REDUCE_BUCKET_SIZE * pb,
+            prefix=f"reduce_bucket_size {DS_REDUCE_BUCKET_SIZE:.0e} elements per engine; ")
+        add("fp32 master weights (shards)", lambda n: n.partition * 4)
+        add("optimizer state (shards)", lambda n: n.partition * 4 * n_states, prefix=f"{state_desc}; ")
+        if ema_nets:
+            add("EMA (fp32 shards)", lambda n: n.partition * 4, ema_nets)
+    else:
+        add("parameters (fp32, whole)", lambda n: n.local * 4)
+        add("optimizer state (fp32, whole)", lambda n: (n.local - n.unused) * 4 * n_states,
+            prefix=f"{state_desc}, none for parameters no forward reaches; ")
+        if ema_nets:
+            add("EMA (fp32, whole)", lambda n: n.local * 4, ema_nets)
+    frozen = [k for k, n in nets.items() if not n.trainable]
+    for k in frozen:
+        tb = 2 if req.precision == "bf16" else 4
+        static.append(Item(f"{k} (frozen, whole per tensor-parallel rank)", nets[k].local * tb,
+                           "bf16" if tb == 2 else "fp32", {k: float(nets[k].local * tb)}))
+
+    phases: list[Phase] = []
+    for pname, passes in stage_phases(req, cfg, deepest):
+        items: list[Item] = []
+        stored = outside = 0.0
+        work = []
+        for p in passes:
+            s, o, w = _pass_activations(req, cfg, sample, p, micro)
+            stored += s
+            outside += o
+            work.append((w, p.name))
+        ckpt_desc = "inputs of every block" if req.activation_checkpointing else "every block's activations"
+        items.append(Item("activations: " + ckpt_desc, stored,
+                          "; ".join(f"{p.name}: {p.layers} blocks x {micro * p.batch_factor} sample(s)"
+                                    for p in passes if p.graph)))
+        items.append(Item("activations: outside the blocks", outside))
+        w, wname = max(work)
+        items.append(Item("activations: one block running", w, wname))
+        used = {p.net for p in passes if p.zero}
+        if req.engine == "deepspeed":
+            blk = max(nets[k].largest_block for k in used)
+            ws = min(WORKING_SET_BLOCKS * blk, DS_MAX_LIVE_PARAMETERS) * pb
+            items.append(Item("gathered parameters (working set)", ws,
+                              f"{WORKING_SET_BLOCKS} blocks of {blk / 1e6:.0f} M elements"))
+            if req.stage == "cd":
+                items.append(Item("EMA swap: clone of the fp32 master shards", nets["model"].partition * 4,
+                                  "engines.ema_weights() while the target runs"))
+            phases.append(Phase(pname, items))
+        else:
+            # plain torch: whole fp32 gradients appear during the backward while the stored inputs are freed,
+            # and autocast's bf16 weight copies live only until the forward's autocast region ends
+            grads = [p.net for p in passes if p.trains]
+            g = sum(nets[k].local * 4 for k in grads)
+            items.append(Item("gradients (fp32, whole)", g, ", ".join(grads)))
+            cast = 0.0
+            if req.precision == "bf16":
+                big = max((p.net for p in passes), key=lambda k: nets[k].local)
+                cast = nets[big].local * 2
+                items.append(Item("autocast bf16 weight copies (forward only)", cast, big))
+            moments = {"end of the forward": stored + outside + cast,
+                       "start of the backward": stored + outside + w,
+                       "end of the backward": g + w}
+            when = max(moments, key=moments.get)
+            phases.append(Phase(pname, items, moments[when], f"peak at the {when}"))
+    if req.engine == "deepspeed":
+        biggest = max(n.partition for n in trained.values())
+        phases.append(Phase("optimizer step",
+                            [Item("fp32 gradient of one sub-group", min(biggest, DS_SUB_GROUP_SIZE) * 4)]))
+    return Memory(static, phases, req.reserve_gib, req.fragmentation)
+
+
+# ------------------------------------------------------------------------------------------------------
+# step time
+# ------------------------------------------------------------------------------------------------------
+def _sum(ops, attr, blocks_only=False):
+    return sum(getattr(o, attr) for o in ops if (o.in_blocks or not blocks_only))
+
+
+def pass_flops(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, p: _Pass, dcfg) -> tuple[float, float]:
+    """(model, recompute) FLOPs of pass p for one micro-batch sample (all of its batch_factor copies)."""
+    from megatron_apt.metrics.flops import discriminator_ops, mmdit_ops
+
+    n = p.batch_factor
+    if p.net == "D":
+        ops = discriminator_ops(cfg, n, sample.n_visual, sample.n_text, dcfg, weights_grad=p.trains,
+                                input_grad=p.graph and not p.trains)
+    else:
+        ops = mmdit_ops(cfg, n, sample.n_visual, sample.n_text, weights_grad=p.trains)
+    model = _sum(ops, "forward") + (_sum(ops, "backward") if p.graph else 0)
+    recompute = _sum(ops, "forward", True) if (p.graph and req.activation_checkpointing) else 0
+    return float(model), float(recompute)
+
+
+def hardware_rate(req: PlanRequest) -> float:
+    """The measured model-FLOP rate as a hardware rate (recompute included), FLOP/s."""
+    from megatron_apt.metrics.flops import apt_step_flops
+
+    preset, lx, lt = MEASURED_CONFIG
+    f = apt_step_flops(preset, 1, lx, lt, activation_checkpointing=True)
+    return req.tflops * 1e12 * f.hardware / f.model
+
+
+def plan_time(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, nets: dict[str, NetCount], deepest: int,
+              batch: BatchPlan, dcfg) -> StepTime:
+    rate = hardware_rate(req)
+    pb = 2 if req.precision == "bf16" else 4
+    ab = _act_bytes(req)
+    tp, sp = req.tp, req.sp
+    zw = (req.world // (tp * sp)) * sp
+    passes = [p for _, ps in stage_phases(req, cfg, deepest) for p in ps]
+    slowest = max(range(batch.dp), key=lambda r: batch.counts[r])
+    sizes = [b - a for a, b in batch.micro_batches(slowest)]
+    sizes = [s if s > 0 else 1 for s in sizes]  # a weight-0 micro-step still runs one sample
+    per_sample = {p.name: pass_flops(req, cfg, sample, p, dcfg) for p in passes}
+    tokens_rank = sample.n_visual // sp + -(-sample.n_text // sp)
+    compute = exposed = tpsp = 0.0
+    rows = []
+    for p in passes:
+        model, rec = per_sample[p.name]
+        c_tot = x_tot = t_tot = 0.0
+        net = nets[p.net]
+        traffic = 0.0
+        if req.engine == "deepspeed" and p.zero and zw > 1:
+            gathers = 2 if p.graph else 1
+            traffic = (gathers + (1 if p.trains else 0)) * net.local * pb * (zw - 1) / zw
+        for s in sizes:
+            c = s * (model + rec) / (tp * sp) / rate
+            z = traffic / (req.inter_node_gbps * 1e9)
+            # tensor parallel: all-reduces of [tokens, D] per block (forward 2 per stream, recompute 2, backward 4)
+            # Ulysses: all-to-alls of q, k, v and the output per block (forward, recompute, backward)
+            unit = s * p.batch_factor * tokens_rank * cfg.hidden_size * ab
+            n_fwd = 1 + (1 if p.graph and req.activation_checkpointing else 0)
+            t = 0.0
+            if tp > 1:
+                n_ar = 2 * n_fwd + (4 if p.graph else 0)
+                t += p.layers * n_ar * unit * 2 * (tp - 1) / tp / (req.intra_node_gbps * 1e9)
+            if sp > 1:
+                n_a2a = 4 * (n_fwd + (1 if p.graph else 0))
+                t += p.layers * n_a2a * unit / tp * (sp - 1) / sp / (req.intra_node_gbps * 1e9)
+            c_tot += c
+            x_tot += max(0.0, z - c)
+            t_tot += t
+        compute += c_tot
+        exposed += x_tot
+        tpsp += t_tot
+        rows.append({"pass": p.name, "compute_s": c_tot, "zero_traffic_gb_per_micro_step": traffic / 1e9,
+                     "exposed_zero_s": x_tot, "tp_sp_s": t_tot})
+    base = compute + exposed + tpsp
+    overhead = OVERHEAD * base
+    model_ps = sum(m for m, _ in per_sample.values())
+    hw_ps = sum(m + r for m, r in per_sample.values())
+    return StepTime(base + overhead, compute, exposed, tpsp, overhead, len(sizes), max(batch.counts), model_ps, hw_ps,
+                    rate / 1e12, rows, req.steps)
+
+
+# ------------------------------------------------------------------------------------------------------
+# plan, search, format
+# ------------------------------------------------------------------------------------------------------
+_NET_CACHE: dict[Any, dict[str, torch.nn.Module]] = {}
+
+
+def _modules(req: PlanRequest, cfg: MMDiTConfig):
+    key = (req.stage, repr(cfg), req.head_layers)
+    if key not in _NET_CACHE:
+        dcfg = DiscriminatorConfig(head_layers=tuple(req.head_layers) if req.head_layers else None)
+        _NET_CACHE[key] = build_networks(req.stage, cfg, dcfg)
+    return _NET_CACHE[key]
+
+
+def make_plan(req: PlanRequest) -> Plan:
+    """Plan one layout (raises LayoutError for a layout that cannot run at all)."""
+    cfg = req.model_config()
+    sample = req.resolved_sample()
+    dims = check_layout(req, cfg, sample)
+    batch = plan_batch(req.global_batch, dims.dp, req.micro_batch)
+    mods = _modules(req, cfg)
+    zw = dims.dp * dims.sp if req.engine == "deepspeed" else 1
+    thr = req.persistence_threshold if req.engine == "deepspeed" else 0
+    nets = {k: count_network(m, k, req.tp, zw if k != "teacher" else 1, thr, trainable=(k != "teacher"))
+            for k, m in mods.items()}
+    deepest = _deepest(mods, cfg)
+    dcfg = DiscriminatorConfig(head_layers=tuple(mods["D"].head_layers)) if "D" in mods else None
+    memory = plan_memory(req, cfg, sample, nets, deepest, req.micro_batch)
+    time = plan_time(req, cfg, sample, nets, deepest, batch, dcfg)
+    return Plan(req, dims, batch, sample, nets, memory, time)
+
+
+NEAR_BEST = 0.02
+"""Layouts within 2% of the fastest count as equally fast; among them the planner prefers less memory."""
+
+
+def candidates(req: PlanRequest, tps=(1, 2, 4, 8), sps=(1, 2, 4, 8),
+               micros=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32)) -> list[Plan]:
+    """Every valid layout that fits: those within NEAR_BEST of the fastest first (least memory first), then
+    the rest, fastest first."""
+    out = []
+    for tp in tps:
+        for sp in sps:
+            for mb in micros:
+                r = dataclasses.replace(req, tp=tp, sp=sp, micro_batch=mb)
+                try:
+                    p = make_plan(r)
+                except LayoutError:
+                    continue
+                if mb > max(p.batch.counts) and mb != 1:
+                    continue
+                if p.fits:
+                    out.append(p)
+    if not out:
+        return out
+    # layouts within NEAR_BEST of the fastest come first, least memory first (headroom costs nothing there)
+    best = min(p.time.per_update_s for p in out)
+    out.sort(key=lambda p: (p.time.per_update_s > best * (1 + NEAR_BEST), p.total_gib if
+                            p.time.per_update_s <= best * (1 + NEAR_BEST) else p.time.per_update_s))
+    return out
+
+
+def search(req: PlanRequest) -> Plan | None:
+    c = candidates(req)
+    return c[0] if c else None
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:8.2f}"
+
+
+def describe_layout(p: Plan) -> str:
+    r = p.request
+    return f"--tp {r.tp} --sp {r.sp} --micro-batch {r.micro_batch}"
+
+
+def batch_lines(b: BatchPlan) -> list[str]:
+    hi, lo = max(b.counts), min(b.counts)
+    n_hi = sum(1 for c in b.counts if c == hi)
+    parts = [f"{n_hi} x {hi}"] + ([f"{b.dp - n_hi} x {lo}"] if lo != hi else [])
+    lines = [f"{b.global_batch} = " + " + ".join(parts) + f" samples over {b.dp} data-parallel ranks (exact)"]
+    for c in sorted(set(b.counts), reverse=True):
+        full, rest = divmod(c, b.micro)
+        mbs = ([f"{full} x {b.micro}"] if full else []) + ([f"1 x {rest}"] if rest else [])
+        pad = b.micro_steps - full - (1 if rest else 0)
+        lines.append(f"a rank with {_n(c, 'sample')}: micro-batches " + " + ".join(mbs)
+                     + (f" + {pad} weight-0 step(s)" if pad else "")
+                     + f" = {b.micro_steps} micro-step{'s' if b.micro_steps != 1 else ''}")
+    lines.append(f"each micro-batch's summed loss is scaled by dp / N = {b.dp} / {b.global_batch}")
+    return lines
+
+
+def format_plan(p: Plan) -> str:
+    r, m, t = p.request, p.memory, p.time
+    cfg = r.model_config()
+    L = []
+    L.append(f"plan: stage {r.stage}, preset {r.preset} on {_n(r.world, 'GPU')} of {r.gpu_mem_gib:.1f} GiB "
+             f"({r.gpus_per_node} per node)")
+    nets = ", ".join(f"{k} {n.total / 1e9:.2f} B params" + ("" if n.trainable else " (frozen)")
+                     for k, n in p.nets.items())
+    L.append(f"  model:  {nets}; {cfg.num_layers} blocks of {cfg.hidden_size}")
+    L.append(f"  sample: {p.sample.describe()}")
+    zero = (f"ZeRO-3 over dp x sp = {p.dims.dp * p.dims.sp} ranks" if r.engine == "deepspeed"
+            else "plain torch engine (no sharding)")
+    L.append(f"  layout: {p.dims.describe()}; {zero}; micro-batch {r.micro_batch}; "
+             f"activation checkpointing {'on' if r.activation_checkpointing else 'off'}; {r.precision}")
+    L.append("  batch:  " + batch_lines(p.batch)[0])
+    for line in batch_lines(p.batch)[1:]:
+        L.append("          " + line)
+    L.append("  memory per GPU (GiB):")
+    for it in m.static:
+        L.append(f"    {it.label:<50s}{_gib(it.bytes)}   {it.note}".rstrip())
+    for ph in m.phases:
+        mark = "  <- peak" if ph is m.peak_phase else ""
+        L.append(f"    phase '{ph.name}'{mark}")
+        for it in ph.items:
+            if it.bytes:
+                L.append(f"      {it.label:<48s}{_gib(it.bytes)}   {it.note}".rstrip())
+        if ph.peak is not None:
+            L.append(f"      {'= ' + ph.peak_note:<48s}{_gib(ph.peak)}")
+    L.append(f"    {'allocator fragmentation (' + format(r.fragmentation, '.0%') + ' of the peak phase)':<50s}"
+             f"{_gib(m.fragmentation_bytes)}")
+    L.append(f"    {'runtime reserve (CUDA context, workspaces, NCCL)':<50s}{_gib(r.reserve_gib * GIB)}")
+    L.append(f"    {'= peak estimate':<50s}{_gib(m.total_bytes)}   of {r.gpu_mem_gib:.1f} GiB -> "
+             + ("fits" if p.fits else "DOES NOT FIT"))
+    L.append("  step time (estimate):")
+    L.append(f"    FLOPs per sample: {t.flops_model_per_sample / 1e15:.3f} PFLOP model, "
+             f"{t.flops_hardware_per_sample / 1e15:.3f} PFLOP with recompute")
+    L.append(f"    rate: {r.tflops:.0f} model TFLOP/s measured (2b APT step, one H200; assumed for H100) = "
+             f"{t.hw_rate_tflops:.0f} hardware TFLOP/s per GPU, split over tp x sp = {r.tp * r.sp} GPU(s) per sample")
+    L.append(f"    slowest rank: {_n(t.samples_slowest_rank, 'sample')} in {_n(t.micro_steps, 'micro-step')}: compute "
+             f"{t.compute_s:.1f} s + ZeRO-3 traffic not hidden {t.exposed_zero_s:.1f} s + TP/SP collectives "
+             f"{t.tpsp_s:.1f} s + {OVERHEAD:.0%} overhead {t.overhead_s:.1f} s")
+    L.append(f"    = {t.per_update_s:.1f} s per update"
+             + (f"; {t.updates} updates = {t.total_hours:.1f} h on {_n(r.world, 'GPU')} "
+                f"({t.total_hours * r.world:,.0f} GPU-hours)" if t.updates else ""))
+    return "\n".join(L)
+
+
+def request_from_config(cfg, world: int, **kw) -> PlanRequest:
+    """A PlanRequest for a TrainConfig (megatron_apt.config.train) on `world` GPUs."""
+    c = cfg
+    ema = c.stage in ("apt_image", "apt_video", "cd") or c.apt.ema_decay > 0
+    return PlanRequest(stage=c.stage, preset=c.model.preset, model_overrides=dict(c.model.overrides),
+                       head_layers=tuple(c.model.head_layers) if c.model.head_layers else None, world=world,
+                       tp=c.parallel.tp, sp=c.parallel.sp, micro_batch=c.micro_batch, global_batch=c.global_batch,
+                       steps=c.steps, activation_checkpointing=c.parallel.activation_checkpointing,
+                       precision=c.precision, engine=c.parallel.engine, zero_stage=c.parallel.zero_stage,
+                       persistence_threshold=c.parallel.zero_persistence_threshold, optimizer=c.optim.optimizer,
+                       ema=ema, use_r1=c.apt.use_r1, **kw)
+
+
+__all__ = [
+    "DS_REDUCE_BUCKET_SIZE", "H100_80GB_GIB", "INTER_NODE_GBPS", "INTRA_NODE_GBPS", "Item", "LayoutError",
+    "MEASURED_TRAIN_TFLOPS", "Memory", "NetCount", "Phase", "Plan", "PlanRequest", "Sample", "StepTime",
+    "build_networks", "candidates", "count_network", "format_plan", "image_sample", "make_plan",
+    "request_from_config", "search", "tp_local_numel", "video_sample",
+]
