@@ -624,10 +624,10 @@ class TrainingCheckpoint:
         for k, v in model_buffers(self.config(engine), prefix).items():
             if k in state:
                 continue
-            if f"{engine}.buffer.{k}" in self.keys[r0]:  # a trainer that saves buffers: "{engine}.buffer.{name}"
+            given = (buffers or {}).get(k[len(prefix):])  # an explicit --buffers-from wins over the checkpoint
+            if given is None and f"{engine}.buffer.{k}" in self.keys[r0]:  # the trainer saves "{engine}.buffer.{name}"
                 state[k] = self._tensor(r0, f"{engine}.buffer.{k}").to(torch.float32)
                 continue
-            given = (buffers or {}).get(k[len(prefix):])
             if given is not None and tuple(given.shape) != tuple(v.shape):
                 raise ConversionError(f"buffer {k[len(prefix):]} has shape {tuple(given.shape)} where the checkpoint's "
                                       f"model needs {tuple(v.shape)} (mismatched shapes)")

@@ -173,8 +173,9 @@ class Trainer:
         for ename, eng in self.stage.engines().items():
             for k, v in eng.state_tensors().items():
                 tensors[f"{ename}.{k}"] = v.detach().cpu().contiguous()
-            for k, b in eng.module.named_buffers():  # ZeRO-3 state holds no buffers (e.g. SD3's sin-cos table)
-                tensors[f"{ename}.buffer.{k}"] = b.detach().cpu().contiguous()
+            if eng.kind == "deepspeed":  # ZeRO-3 state holds no buffers (e.g. SD3's sin-cos table)
+                for k, b in eng.module.named_buffers():
+                    tensors[f"{ename}.buffer.{k}"] = b.detach().cpu().contiguous()
         # the folder is renamed into place only when every rank has written: no partial step-N is ever visible
         save_file(tensors, str(tmp / f"rank{_rank():05d}.safetensors"))
         layout = {"rank": _rank(), "tp_rank": self.ps.get_tensor_model_parallel_rank(),

@@ -195,15 +195,15 @@ def test_consolidate_equals_trainer_export_and_runtime_forward(runs, tmp_path, c
 
 
 def test_buffers_come_from_the_checkpoint_the_init_model_or_the_config(runs, tmp_path, capsys):
-    """ZeRO-3 checkpoints hold parameters only: SD3's sin-cos table is recomputed from the config unless
-    --buffers-from names a model dir or the rank files hold it as "{engine}.buffer.{name}"."""
+    """The trainer stores buffers (SD3's sin-cos table) as "{engine}.buffer.{name}" in the rank files;
+    --buffers-from names a model dir whose buffers win; without either the table is recomputed."""
     from safetensors.torch import save_file
 
     base, _ = runs
     step = sorted((base / "sincos" / "checkpoints").glob("step-*"))[-1]
     table = load_file(str(base / "sincos_init" / "model.safetensors"))["pos_table"]
     assert _cli("consolidate", "--input", step, "--model", "model", "--output", tmp_path / "a") == 0
-    assert "pos_table recomputed from the model config" in capsys.readouterr().out
+    assert "recomputed" not in capsys.readouterr().out  # the checkpoint holds the table
     assert torch.equal(load_file(str(tmp_path / "a" / "model.safetensors"))["pos_table"], table)
     shifted = tmp_path / "shifted"
     shifted.mkdir()
@@ -220,6 +220,11 @@ def test_buffers_come_from_the_checkpoint_the_init_model_or_the_config(runs, tmp
     assert _cli("consolidate", "--input", ck, "--model", "model", "--output", tmp_path / "c") == 0
     assert "recomputed" not in capsys.readouterr().out
     assert torch.equal(load_file(str(tmp_path / "c" / "model.safetensors"))["pos_table"], table + 2.0)
+    for f in ck.glob("rank*.safetensors"):  # an older checkpoint without buffers: recomputed from the config
+        save_file({k: v for k, v in load_file(str(f)).items() if ".buffer." not in k}, str(f))
+    assert _cli("consolidate", "--input", ck, "--model", "model", "--output", tmp_path / "d") == 0
+    assert "pos_table recomputed from the model config" in capsys.readouterr().out
+    assert torch.equal(load_file(str(tmp_path / "d" / "model.safetensors"))["pos_table"], table)
 
 
 def test_export_generator_from_runs(runs, tmp_path):
