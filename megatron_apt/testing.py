@@ -66,3 +66,31 @@ def run_distributed(fn, world_size: int = 2, *args, timeout: float = 300.0):
     if errors or len(results) != world_size:
         raise RuntimeError("\n".join(errors) or f"only {len(results)} of {world_size} ranks reported")
     return [results[r] for r in range(world_size)]
+
+
+def tree_hash(path) -> str:
+    """A hash of every file name and byte under `path` (to show an input was left untouched)."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for p in sorted(Path(path).rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def run_tool(name: str, *args) -> int:
+    """Call tools/<name>.py's main() in this process and return its exit code."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    sys.path.insert(0, tools)
+    try:
+        tool = importlib.import_module(name)
+    finally:
+        sys.path.remove(tools)
+    return tool.main([str(a) for a in args])

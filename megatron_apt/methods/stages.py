@@ -13,7 +13,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from megatron_apt.config.model import DiscriminatorConfig
 from megatron_apt.methods.apt import APTConfig, discriminator_loss, generator_loss, shift_timestep

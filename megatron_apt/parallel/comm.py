@@ -37,12 +37,11 @@ class _Split(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group, ctx.full = dim, group, x.shape[dim]
-        n, r = _ws(group), _rank(group)
-        return x.chunk(n, dim=dim)[r].contiguous()
+        return x.chunk(_ws(group), dim=dim)[_rank(group)].contiguous()
 
     @staticmethod
     def backward(ctx, g):
-        n, r = _ws(ctx.group), _rank(ctx.group)
+        r = _rank(ctx.group)
         shape = list(g.shape)
         shape[ctx.dim] = ctx.full
         out = g.new_zeros(shape)

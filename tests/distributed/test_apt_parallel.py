@@ -9,7 +9,6 @@ from megatron_apt.testing import run_distributed
 
 
 def _worker(rank, world, tp, sp, video):
-    import torch.distributed as dist
 
     from megatron_apt.methods.apt import APTConfig, discriminator_loss, generator_loss
     from megatron_apt.models import Discriminator, OneStepGenerator, build_mmdit

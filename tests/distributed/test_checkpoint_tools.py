@@ -3,8 +3,6 @@ TP=2, ZeRO-3 x DP=2 (padded partitions) and plain-torch checkpoints equals the t
 runtime model's forward; the APT initialisation starts the APT stage; reshard round trips bit for bit and
 its shards feed a tensor-parallel model; bad checkpoints are reported and never modified."""
 
-import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -13,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from megatron_apt.testing import run_tool, tree_hash
 import torch
 from safetensors.torch import load_file
 
@@ -133,21 +133,7 @@ def runs(tmp_path_factory):
 
 
 def _cli(*args):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        tool = importlib.import_module("convert_checkpoint")
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return tool.main([str(a) for a in args])
-
-
-def tree_hash(path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(Path(path).rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
+    return run_tool("convert_checkpoint", *args)
 
 
 def _assert_same_tensors(a_dir, b_dir):

@@ -110,7 +110,6 @@ def test_flow_matching_learns(tmp_path):
 
 
 def test_bad_inputs_are_reported(model_dirs, tmp_path):
-    from megatron_apt.models import build_mmdit, save_mmdit
 
     with pytest.raises(RuntimeError, match="does not exist or is incomplete"):
         run_distributed(_train, 1, ["stage=flow", "data.path=/nonexistent/ds", f"run_dir={tmp_path}/x"])

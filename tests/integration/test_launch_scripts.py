@@ -78,10 +78,14 @@ def test_script_is_bash_and_python(name):
 
 
 def test_one_launch_block():
+    """Every script ends with the same stub that sources the one shared launcher, examples/launch.sh."""
     blocks = {n: (ROOT / "examples" / n).read_text().split(LAUNCH_MARK)[1] for n in SCRIPTS}
     first = next(iter(blocks.values()))
     for name, block in blocks.items():
         assert block == first, f"the launch block of {name} differs from that of {next(iter(blocks))}"
+    assert 'source "$LAUNCH_SH"' in first
+    shared = (ROOT / "examples" / "launch.sh").read_text()
+    assert "torch.distributed.run" in shared and "srun" in shared
 
 
 def _dry_run(tmp_path, name, entry, world_nodes):

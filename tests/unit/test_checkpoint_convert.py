@@ -2,14 +2,13 @@
 initialisation, the inference generator export, the SD3 round trip of a one-step generator, atomic writes
 and clear errors that leave every input untouched."""
 
-import hashlib
-import importlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from megatron_apt.testing import run_tool, tree_hash
 import torch
 from safetensors.torch import load_file
 
@@ -17,21 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        tool = importlib.import_module("convert_checkpoint")
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return tool.main([str(a) for a in args])
-
-
-def tree_hash(path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(Path(path).rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
+    return run_tool("convert_checkpoint", *args)
 
 
 def _tensors(d, name="model.safetensors"):
