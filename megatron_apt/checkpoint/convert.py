@@ -427,9 +427,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 @dataclass
 class EngineLayout:
     name: str
-    kind: str  # "zero3" or "torch"
+    kind: str  # "zero3", "torch" or "pipeline"
     zero_world: int
-    by_tp: list[list[int]]  # global ranks per tp_rank, in zero-rank order
+    by_tp: list[list[int]]  # global ranks per tp_rank, in zero-rank order (pipeline: every rank of that tp_rank)
+    stages: list[list[int]] | None = None  # pipeline: per tp_rank, one rank per pipeline stage (stage order)
 
 
 class TrainingCheckpoint:
@@ -445,8 +446,7 @@ class TrainingCheckpoint:
                                   "that did not record the offline layout; resume it once with the current trainer")
         fp = meta.get("fingerprint", {})
         layout = fp.get("layout") or [meta.get("tp", 1), meta.get("sp", 1), None, 1]
-        if len(layout) > 3 and layout[3] not in (None, 1):
-            raise ConversionError(f"checkpoint {self.path} uses pipeline parallel (pp={layout[3]}); not supported")
+        self.pp = int(layout[3]) if len(layout) > 3 and layout[3] else 1
         self.stage = fp.get("stage")
         self.step = int(meta.get("step", -1))
         self.world = int(meta["world_size"])
@@ -501,17 +501,43 @@ class TrainingCheckpoint:
         return all(f"{engine}.ema.0" in k for k in self.keys)
 
     def layout_shapes(self, engine: str) -> dict[str, list[int]]:
-        """Tensor-parallel local shapes of rank 0, by parameter name."""
+        """Tensor-parallel local shapes of tp_rank 0 (all its pipeline stages), by parameter name."""
         lay = self.ranks[0]["engines"][engine]
         if lay["kind"] == "zero3":
             return {p[0]: p[1] for g in lay["groups"] for p in g}
+        if lay["kind"] == "pipeline":
+            return {p[0]: p[1] for r in self.layouts[engine].stages[0] for p in self.ranks[r]["engines"][engine]["params"]}
         return {p[0]: p[1] for p in lay["params"]}
 
     def head_mlp_ratio(self, engine: str) -> float:
         shapes = self.layout_shapes(engine)
         return head_mlp_ratio_from(shapes, self.config(engine).hidden_size)
 
+    def _pipeline_layout(self, engine: str) -> EngineLayout:
+        """Pipeline stages: each (tp_rank, pp_rank) needs at least one rank; data-parallel replicas of it must
+        hold identical parameters (checked by --verify)."""
+        by: dict[int, dict[int, list[int]]] = {}
+        for r, info in enumerate(self.ranks):
+            lay = info["engines"].get(engine)
+            if lay is None or lay.get("kind") != "pipeline":
+                raise ConversionError(f"model {engine!r}: unknown or mixed engine layouts (rank {r} is not 'pipeline')")
+            t, s = int(info.get("tp_rank", 0)), int(lay.get("pp_rank", info.get("pp_rank", 0)))
+            if not 0 <= t < self.tp or not 0 <= s < self.pp:
+                raise ConversionError(f"{self.rank_json(r)}: tp_rank {t} / pp_rank {s} outside tp={self.tp}, pp={self.pp}")
+            by.setdefault(t, {}).setdefault(s, []).append(r)
+        if sorted(by) != list(range(self.tp)):
+            raise ConversionError(f"model {engine!r}: tensor-parallel ranks {sorted(by)} present, expected 0..{self.tp - 1}")
+        for t, st in by.items():
+            if sorted(st) != list(range(self.pp)):
+                raise ConversionError(f"model {engine!r}: tp_rank {t} has pipeline stages {sorted(st)}, expected "
+                                      f"0..{self.pp - 1} (missing shard?)")
+        stages = [[by[t][s][0] for s in range(self.pp)] for t in range(self.tp)]
+        return EngineLayout(engine, "pipeline", 1, [sorted(r for s in by[t].values() for r in s) for t in range(self.tp)],
+                            stages)
+
     def _engine_layout(self, engine: str) -> EngineLayout:
+        if any(info["engines"].get(engine, {}).get("kind") == "pipeline" for info in self.ranks):
+            return self._pipeline_layout(engine)
         kinds = set()
         by_tp: dict[int, dict[int, int]] = {}
         zero_world = 1
@@ -580,8 +606,21 @@ class TrainingCheckpoint:
                 off += pn
         return state, dims
 
-    def _torch_local(self, engine: str, t: int, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        r = self.layouts[engine].by_tp[t][0]
+    def _pipeline_local(self, engine: str, t: int, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The union of the stages' parameters (each stage names them as the full model does)."""
+        state, dims = {}, {}
+        for r in self.layouts[engine].stages[t]:
+            s, d = self._torch_local(engine, t, ema, rank=r)
+            twice = set(s) & set(state)
+            if twice:
+                raise ConversionError(f"model {engine!r}: pipeline stages both hold {sorted(twice)[:3]} (overlapping "
+                                      "stages)")
+            state.update(s)
+            dims.update(d)
+        return state, dims
+
+    def _torch_local(self, engine: str, t: int, ema: bool, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        r = self.layouts[engine].by_tp[t][0] if rank is None else rank
         params = self.ranks[r]["engines"][engine]["params"]
         pre = f"{engine}.param."
         state, dims = {}, {}
@@ -602,7 +641,8 @@ class TrainingCheckpoint:
         self._need(engine)
         if ema and not self.has_ema(engine):
             raise ConversionError(f"checkpoint {self.path}: model {engine!r} has no EMA (use the raw weights)")
-        fn = self._zero3_local if self.layouts[engine].kind == "zero3" else self._torch_local
+        fn = {"zero3": self._zero3_local, "pipeline": self._pipeline_local}.get(self.layouts[engine].kind,
+                                                                                 self._torch_local)
         locals_, dims = [], {}
         for t in range(self.tp):
             s, d = fn(engine, t, ema)
@@ -660,7 +700,7 @@ class TrainingCheckpoint:
             lay = self.layouts[e]
             zero = f" over {lay.zero_world} ZeRO ranks" if lay.kind == "zero3" else ""
             parts.append(f"{e} ({self.kind(e)}, {lay.kind}{zero}" + (", +EMA" if self.has_ema(e) else "") + ")")
-        return (f"checkpoint {self.path} (stage {self.stage}, step {self.step}, {self.world} ranks, tp {self.tp}): "
+        return (f"checkpoint {self.path} (stage {self.stage}, step {self.step}, {self.world} ranks, tp {self.tp}, pp {self.pp}): "
                 + ", ".join(parts))
 
     # ---- verification ----

@@ -60,9 +60,15 @@ class ParallelSection:
     sp: int = 1
     """Ulysses sequence-parallel size."""
     pp: int = 1
-    """Pipeline-parallel size (not supported yet with this trainer: must be 1)."""
+    """Pipeline-parallel size; > 1 needs engine 'pipeline'."""
     engine: str = "deepspeed"
-    """'deepspeed' (ZeRO-3 engines) or 'torch' (plain optimizer, gradients averaged over DP x SP)."""
+    """'deepspeed' (ZeRO-3 engines), 'torch' (plain optimizer, gradients averaged over DP x SP) or
+    'pipeline' (megatron-core pipeline schedules over pp stages, optimizer state sharded over DP)."""
+    pipeline_layers: list | None = None
+    """Blocks per pipeline stage for G / flow / CD models (e.g. [17, 19]); None = even split. The
+    discriminator, cut after its deepest tapped layer, is always split evenly."""
+    zero1: bool = True
+    """Engine 'pipeline': shard the optimizer state over data parallel (ZeRO-1)."""
     zero_stage: int = 3
     """DeepSpeed ZeRO stage for both engines."""
     zero_persistence_threshold: int = 100_000
@@ -180,10 +186,18 @@ class TrainConfig:
             raise ValueError("global_batch and micro_batch must be >= 1")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
-        if self.parallel.engine not in ("deepspeed", "torch"):
-            raise ValueError(f"parallel.engine must be deepspeed or torch, got {self.parallel.engine!r}")
-        if self.parallel.pp != 1:
-            raise ValueError("pipeline parallel (parallel.pp > 1) is not supported by this trainer yet")
+        if self.parallel.engine not in ("deepspeed", "torch", "pipeline"):
+            raise ValueError(f"parallel.engine must be deepspeed, torch or pipeline, got {self.parallel.engine!r}")
+        if self.parallel.pp < 1:
+            raise ValueError(f"parallel.pp must be >= 1, got {self.parallel.pp}")
+        if self.parallel.pp > 1 and self.parallel.engine != "pipeline":
+            raise ValueError(f"parallel.pp={self.parallel.pp} needs parallel.engine=pipeline (DeepSpeed's ZeRO-2/3 "
+                             "do not combine with pipeline stages; the pipeline engine shards optimizer state, ZeRO-1)")
+        if self.parallel.engine == "pipeline" and self.parallel.sp > 1:
+            raise ValueError("parallel.engine=pipeline does not combine with Ulysses sequence parallel (sp > 1) yet")
+        if self.parallel.pipeline_layers is not None and len(self.parallel.pipeline_layers) != self.parallel.pp:
+            raise ValueError(f"parallel.pipeline_layers {self.parallel.pipeline_layers} must list one block count per "
+                             f"pipeline stage (pp={self.parallel.pp})")
         if not self.data.synthetic and not self.data.path:
             raise ValueError("data.path is required (or set data.synthetic=true)")
         if self.optim.optimizer not in ("rmsprop", "adamw"):

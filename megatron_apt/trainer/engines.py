@@ -13,6 +13,7 @@ fp32 master weights (this rank's shard only); in the torch engine one fp32 tenso
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -334,6 +335,108 @@ class DeepSpeedEngine(TorchEngine):
                 self._write_masters_to_params(saved)
 
 
+class PipelineEngine(TorchEngine):
+    """One pipeline stage (see `parallel.pipeline`) with its optimizer state sharded over data parallel.
+
+    DeepSpeed refuses ZeRO-2/3 under its pipeline engine, so this layout shards only the optimizer state
+    (ZeRO-1) with PyTorch's `ZeroRedundancyOptimizer`: gradients are averaged over the data-parallel group,
+    each rank updates the parameters whose optimizer state it holds, and broadcasts them. (megatron-core's
+    distributed optimizer does the same with contiguous buffers, but in megatron-core 0.16 it accepts
+    only CUDA tensors, and RMSProp is not among its optimizers.) The gradient norm and clipping span the
+    whole model: squares are summed over the pipeline x tensor-parallel group, counting a tensor-parallel
+    replica once."""
+
+    kind = "pipeline"
+
+    def __init__(self, module: nn.Module, *, optimizer: str, lr: float, alpha: float, eps: float,
+                 weight_decay: float, betas, grad_clip: float, precision: str, zero1: bool = True):
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+        self.dp = ps.get_data_parallel_group(with_context_parallel=True)
+        self.mp = ps.get_model_parallel_group()
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.zero1 = zero1 and dist.get_world_size(self.dp) > 1
+        if self.zero1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            if optimizer == "rmsprop":
+                opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.RMSprop, process_group=self.dp,
+                                              lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
+            elif optimizer == "adamw":
+                opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=self.dp,
+                                              lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+            else:
+                raise ValueError(f"unknown optimizer {optimizer!r}")
+        else:
+            opt = make_optimizer(params, optimizer, lr, alpha, eps, weight_decay, betas)
+        super().__init__(module, opt, grad_clip, precision, group=self.dp)
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("a pipeline stage runs through parallel.pipeline.PipelineRunner, not engine(...)")
+
+    raw = __call__
+
+    def _local_optimizer(self):
+        return self.optimizer.optim if self.zero1 else self.optimizer
+
+    def step(self) -> float:
+        params = self.params()
+        comm.average_gradients(params, self.dp)
+        tp_rank = self.ps.get_tensor_model_parallel_rank()
+        sq = torch.zeros((), dtype=torch.float64)
+        for p in params:
+            if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False)):
+                sq += p.grad.detach().double().pow(2).sum().cpu()
+        if dist.get_world_size(self.mp) > 1:
+            dev = params[0].device if params and params[0].device.type == "cuda" else torch.device("cpu")
+            sq = sq.to(dev)
+            dist.all_reduce(sq, group=self.mp)
+        norm = float(sq) ** 0.5
+        if self.grad_clip > 0 and norm > self.grad_clip:
+            coef = self.grad_clip / (norm + 1e-6)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        if math.isfinite(norm):  # the same decision on every rank: the norm is global
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def layout(self) -> dict:
+        lay = super().layout()
+        lay.update(kind="pipeline", pp_rank=self.ps.get_pipeline_model_parallel_rank(),
+                   pp=self.ps.get_pipeline_model_parallel_world_size())
+        return lay
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"param.{n}": p.detach().contiguous() for n, p in self.module.state_dict().items() if torch.is_tensor(p)}
+        # this rank's optimizer shard (the partition is a deterministic function of the parameter list, so a
+        # resume with the same layout reassigns the same parameters)
+        for i, st in self._local_optimizer().state_dict()["state"].items():
+            for k, v in st.items():
+                out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        if self.ema is not None:
+            for i, e in enumerate(self.ema):
+                out[f"ema.{i}"] = e
+        return out
+
+    def load_state_tensors(self, st: dict[str, torch.Tensor]) -> None:
+        sd = {k[len("param."):]: v for k, v in st.items() if k.startswith("param.")}
+        self.module.load_state_dict(sd)
+        local = self._local_optimizer()
+        opt = local.state_dict()
+        state: dict[int, dict] = {}
+        for k, v in st.items():
+            if k.startswith("opt."):
+                _, i, key = k.split(".", 2)
+                state.setdefault(int(i), {})[key] = v
+        opt["state"] = state
+        local.load_state_dict(opt)
+        if any(k.startswith("ema.") for k in st):
+            self.ema = [st[f"ema.{i}"].clone() for i in range(len(list(self.module.parameters())))]
+
+
 def grad_norm(params) -> float:
     sq = 0.0
     for p in params:
@@ -344,9 +447,12 @@ def grad_norm(params) -> float:
 
 def build_engine(module: nn.Module, *, kind: str, optimizer: str, lr: float, alpha: float, eps: float,
                  weight_decay: float, betas, grad_clip: float, precision: str, zero_stage: int, micro_batch: int,
-                 persistence_threshold: int = 100_000):
+                 persistence_threshold: int = 100_000, zero1: bool = True):
     from megatron_apt.parallel.state import dp_group
 
+    if kind == "pipeline":
+        return PipelineEngine(module, optimizer=optimizer, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                              betas=betas, grad_clip=grad_clip, precision=precision, zero1=zero1)
     opt = make_optimizer(module.parameters(), optimizer, lr, alpha, eps, weight_decay, betas)
     if kind == "deepspeed":
         return DeepSpeedEngine(module, opt, grad_clip, precision, zero_stage, micro_batch, persistence_threshold)

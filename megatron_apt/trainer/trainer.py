@@ -61,6 +61,8 @@ class Trainer:
         from megatron_apt.methods.stages import STAGE_CLASSES
 
         torch.manual_seed(cfg.seed)
+        if cfg.parallel.engine == "pipeline":
+            from megatron_apt.methods.pipeline_stages import PIPELINE_STAGE_CLASSES as STAGE_CLASSES
         self.stage = STAGE_CLASSES[cfg.stage](self)
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -113,7 +115,7 @@ class Trainer:
         eng = build_engine(module.to(self.device), kind=p.engine, optimizer=o.optimizer, lr=lr, alpha=o.alpha,
                             eps=o.eps, weight_decay=o.weight_decay, betas=o.betas, grad_clip=o.grad_clip,
                             precision=self.cfg.precision, zero_stage=p.zero_stage, micro_batch=self.cfg.micro_batch,
-                            persistence_threshold=p.zero_persistence_threshold)
+                            persistence_threshold=p.zero_persistence_threshold, zero1=p.zero1)
         eng.base_lr = lr
         return eng
 
@@ -179,6 +181,7 @@ class Trainer:
         # the folder is renamed into place only when every rank has written: no partial step-N is ever visible
         save_file(tensors, str(tmp / f"rank{_rank():05d}.safetensors"))
         layout = {"rank": _rank(), "tp_rank": self.ps.get_tensor_model_parallel_rank(),
+                  "pp_rank": self.ps.get_pipeline_model_parallel_rank(),
                   "zero_rank": self.ps.get_data_parallel_rank(with_context_parallel=True),
                   "engines": {n: e.layout() for n, e in self.stage.engines().items()}}
         atomic_write_json(tmp / f"rank{_rank():05d}.json", layout)
@@ -213,6 +216,10 @@ class Trainer:
         meta = json.loads((path / "trainer.json").read_text())
         fp = self._fingerprint()
         old = meta.get("fingerprint", {})
+        if self.dims.pp > 1:  # pipeline stages hold different parameters: compare with this rank's own record
+            mine = path / f"rank{_rank():05d}.json"
+            lay = json.loads(mine.read_text())["engines"] if mine.is_file() else {}
+            old = {**old, "shapes": {n: {q[0]: q[1] for q in e.get("params", [])} for n, e in lay.items()}}
         if old.get("shapes") != fp["shapes"]:
             raise ValueError(f"checkpoint {path} was written by a model of another shape or kind; refusing to resume "
                              f"(use another run_dir, or the checkpoint tools to convert it)")
@@ -352,6 +359,9 @@ class Trainer:
 
         out = self.run_dir / "export"
         engines = self.stage.engines()
+        if self.dims.pp > 1:
+            self._export_from_checkpoint(out)
+            return
         if "G" in engines:
             g = engines["G"]
             for tag, ema in (("generator", False), ("generator_ema", True)):
@@ -378,6 +388,25 @@ class Trainer:
         if _rank() == 0:
             log.info("exported consolidated models to %s", out)
 
+    def _export_from_checkpoint(self, out: Path) -> None:
+        """Pipeline stages hold disjoint parameters: consolidate the final checkpoint offline (the same code
+        as `tools/convert_checkpoint.py consolidate`) on rank 0."""
+        from megatron_apt.checkpoint.convert import TrainingCheckpoint
+        from megatron_apt.models.io import save_state_dir
+
+        _barrier()
+        if _rank() == 0:
+            ck = TrainingCheckpoint(self.latest_checkpoint())
+            for e in ck.engines:
+                kind, cfg = ck.kind(e), ck.config(e)
+                extra = {"head_layers": ck.head_layers(e)} if kind == "discriminator" else None
+                tags = {"G": [("generator", False), ("generator_ema", True)], "D": [("discriminator", False)]}.get(
+                    e, [("model", False)] + ([("model_ema", True)] if ck.has_ema(e) else []))
+                for tag, ema in tags:
+                    save_state_dir(ck.product_state(e, ema), cfg, out / tag, kind=kind, overwrite=True, extra=extra)
+            log.info("exported consolidated models to %s", out)
+        _barrier()
+
     @torch.no_grad()
     def write_samples(self) -> None:
         """A one-step sample grid (pixel-space models: the pixels; latent models: the first 3 channels)."""
@@ -387,6 +416,11 @@ class Trainer:
         mb = mbs[0]
         z = torch.randn(mb["x"].shape, generator=torch.Generator().manual_seed(self.cfg.seed)).to(mb["x"])
         eng = self.stage.engines().get("G")
+        if hasattr(self.stage, "sample"):  # pipeline: the last stage holds the samples
+            x = self.stage.sample(z, mb["text"], mb["text_mask"])
+            if x is not None and self.dp_rank == 0 and self.ps.get_tensor_model_parallel_rank() == 0:
+                save_grid(x.float().cpu(), self.run_dir / "samples" / f"step-{self.step:08d}.png")
+            return
         if eng is not None:
             x = eng(z, mb["text"], mb["text_mask"])
         else:
