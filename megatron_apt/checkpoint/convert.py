@@ -919,7 +919,8 @@ def consolidate(src: str | Path, output: str | Path, model: str | None = None, e
                                            f"{label} of step {ckpt.step}"))
             report.changes.append(
                 f"{label}: {len(lay.by_tp) * len(lay.by_tp[0])} rank files ({lay.kind}"
-                + (f", ZeRO {lay.zero_world}" if lay.kind == "zero3" else "") + f", TP {ckpt.tp}) -> one {WEIGHTS_NAME}"
+                + (f", ZeRO {lay.zero_world}" if lay.kind == "zero3" else "") + f", TP {ckpt.tp}"
+                + (f", PP {ckpt.pp}" if ckpt.pp > 1 else "") + f") -> one {WEIGHTS_NAME}"
                 + ("; 'backbone.' prefix dropped" if len(state) and next(iter(state)) not in full else "")
                 + (f"; cast float32 -> {str(dt).replace('torch.', '')}" if dt not in (None, torch.float32) else "")
                 + "".join(f"; {b} {_RECOMPUTED_NOTE}" for b in ckpt.recomputed_buffers(e, buffers))

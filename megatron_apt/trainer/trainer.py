@@ -220,13 +220,13 @@ class Trainer:
             mine = path / f"rank{_rank():05d}.json"
             lay = json.loads(mine.read_text())["engines"] if mine.is_file() else {}
             old = {**old, "shapes": {n: {q[0]: q[1] for q in e.get("params", [])} for n, e in lay.items()}}
-        if old.get("shapes") != fp["shapes"]:
-            raise ValueError(f"checkpoint {path} was written by a model of another shape or kind; refusing to resume "
-                             f"(use another run_dir, or the checkpoint tools to convert it)")
         if old.get("layout") != fp["layout"] or meta.get("world_size") != dist.get_world_size():
             raise ValueError(f"checkpoint {path} was written with layout tp,sp,dp,pp={old.get('layout')} on "
                              f"{meta.get('world_size')} ranks; this run has {fp['layout']} on {dist.get_world_size()}. "
                              "Resume needs the same layout (consolidate and start a new run to change it).")
+        if old.get("shapes") != fp["shapes"]:
+            raise ValueError(f"checkpoint {path} was written by a model of another shape or kind; refusing to resume "
+                             f"(use another run_dir, or the checkpoint tools to convert it)")
         f = path / f"rank{_rank():05d}.safetensors"
         if not f.is_file():
             raise FileNotFoundError(f"checkpoint {path} has no shard for rank {_rank()} ({f.name})")
@@ -389,21 +389,13 @@ class Trainer:
             log.info("exported consolidated models to %s", out)
 
     def _export_from_checkpoint(self, out: Path) -> None:
-        """Pipeline stages hold disjoint parameters: consolidate the final checkpoint offline (the same code
-        as `tools/convert_checkpoint.py consolidate`) on rank 0."""
-        from megatron_apt.checkpoint.convert import TrainingCheckpoint
-        from megatron_apt.models.io import save_state_dir
+        """Pipeline stages hold disjoint parameters: rank 0 consolidates the final checkpoint offline (the
+        code of `tools/convert_checkpoint.py consolidate`)."""
+        from megatron_apt.checkpoint.convert import consolidate
 
         _barrier()
         if _rank() == 0:
-            ck = TrainingCheckpoint(self.latest_checkpoint())
-            for e in ck.engines:
-                kind, cfg = ck.kind(e), ck.config(e)
-                extra = {"head_layers": ck.head_layers(e)} if kind == "discriminator" else None
-                tags = {"G": [("generator", False), ("generator_ema", True)], "D": [("discriminator", False)]}.get(
-                    e, [("model", False)] + ([("model_ema", True)] if ck.has_ema(e) else []))
-                for tag, ema in tags:
-                    save_state_dir(ck.product_state(e, ema), cfg, out / tag, kind=kind, overwrite=True, extra=extra)
+            consolidate(self.latest_checkpoint(), out, overwrite=True)
             log.info("exported consolidated models to %s", out)
         _barrier()
 
