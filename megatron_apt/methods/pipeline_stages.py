@@ -273,7 +273,7 @@ class PipelineAPTStage(_PipelineStageBase):
             loss = adv + (self.apt.r1_lambda * r1 if use_r1 else 0.0)
             w = mb["weight"]
             rl, fl = real_l.detach(), fake_l.detach()
-            m = {"d_adv": float(adv) * w, "ar1": float(r1) * w, "logit_real": float(rl.mean()) * w * B,
+            m = {"d_adv": float(adv.detach()) * w, "ar1": float(r1.detach()) * w, "logit_real": float(rl.mean()) * w * B,
                  "logit_fake": float(fl.mean()) * w * B,
                  "d_acc": float(0.5 * ((rl > 0).float().mean() + (fl < 0).float().mean())) * w * B, "n": w * B}
             return loss * self.scale(mb), m
@@ -304,7 +304,8 @@ class PipelineAPTStage(_PipelineStageBase):
         def d_loss_fn(logits, item):
             mb = item.extra["mb"]
             loss = F.softplus(-logits.float()).sum()
-            return loss * self.scale(mb), {"g_loss": float(loss) * mb["weight"], "n": mb["weight"] * mb["x"].shape[0]}
+            return loss * self.scale(mb), {"g_loss": float(loss.detach()) * mb["weight"],
+                                           "n": mb["weight"] * mb["x"].shape[0]}
 
         self.D.module.requires_grad_(False)
         try:

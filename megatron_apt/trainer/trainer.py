@@ -265,8 +265,12 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------------------
     def describe(self) -> str:
         c = self.cfg
-        lines = [f"stage {c.stage}, {self.dims.describe()}, engine {c.parallel.engine} (ZeRO-{c.parallel.zero_stage}), "
-                 f"precision {c.precision}", self.plan.describe(),
+        if c.parallel.engine == "pipeline":
+            eng = (f"engine pipeline ({self.dims.pp} stage(s), megatron-core 1F1B schedule, optimizer state "
+                   f"{'sharded over dp (ZeRO-1)' if c.parallel.zero1 and self.dims.dp > 1 else 'whole'})")
+        else:
+            eng = f"engine {c.parallel.engine} (ZeRO-{c.parallel.zero_stage})"
+        lines = [f"stage {c.stage}, {self.dims.describe()}, {eng}, precision {c.precision}", self.plan.describe(),
                  f"dataset: {len(self.data)} samples, {len(self.sampler.buckets)} shape bucket(s)"]
         return "\n".join(lines)
 

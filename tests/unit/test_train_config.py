@@ -60,3 +60,54 @@ def test_dry_run_prints_layout_and_batch():
     r = subprocess.run([sys.executable, str(ROOT / "pretrain_apt.py"), "--dry-run", "data.synthetic=true",
                         "parallel.tp=3"], capture_output=True, text=True, env={**__import__("os").environ, "WORLD_SIZE": "4"})
     assert r.returncode == 2 and "not divisible" in r.stderr
+
+
+def test_pipeline_layout_is_validated():
+    ok = load_config(None, ["data.synthetic=true", "parallel.engine=pipeline", "parallel.pp=4",
+                            "parallel.pipeline_layers=[8,10,10,8]"])
+    assert ok.parallel.pp == 4 and ok.parallel.pipeline_layers == [8, 10, 10, 8] and ok.parallel.zero1
+    with pytest.raises(ValueError, match="needs parallel.engine=pipeline"):
+        load_config(None, ["data.synthetic=true", "parallel.pp=2"])  # ZeRO-3 engines cannot be staged
+    with pytest.raises(ValueError, match="sequence parallel"):
+        load_config(None, ["data.synthetic=true", "parallel.engine=pipeline", "parallel.pp=2", "parallel.sp=2"])
+    with pytest.raises(ValueError, match="one block count per"):
+        load_config(None, ["data.synthetic=true", "parallel.engine=pipeline", "parallel.pp=2",
+                           "parallel.pipeline_layers=[1,2,1]"])
+
+
+def test_pipeline_layer_split():
+    from megatron_apt.parallel.pipeline import stage_layer_ranges
+
+    assert stage_layer_ranges(36, 4) == [range(0, 9), range(9, 18), range(18, 27), range(27, 36)]
+    assert stage_layer_ranges(38, 4) == [range(0, 10), range(10, 20), range(20, 29), range(29, 38)]
+    assert stage_layer_ranges(36, 2, [16, 20]) == [range(0, 16), range(16, 36)]
+    with pytest.raises(ValueError, match="summing to 36"):
+        stage_layer_ranges(36, 2, [16, 19])
+    with pytest.raises(ValueError, match="cannot be split"):
+        stage_layer_ranges(3, 4)
+
+
+def test_pipeline_stages_keep_full_model_names():
+    """Cutting G and D (8b shapes, on the meta device) into 4 stages loses and duplicates no parameter; D's
+    heads sit on the stages of their tapped layers (16, 26, 36 of 36)."""
+    import torch
+
+    from megatron_apt.config.model import DiscriminatorConfig, get_model_config
+    from megatron_apt.models import Discriminator, MMDiT, OneStepGenerator
+    from megatron_apt.parallel.pipeline import make_pipeline_stage
+
+    cfg = get_model_config("8b")
+    for build in (lambda: OneStepGenerator(MMDiT(cfg)), lambda: Discriminator(MMDiT(cfg), DiscriminatorConfig())):
+        with torch.device("meta"):
+            whole = sorted(n for n, _ in build().named_parameters())
+            stages = []
+            for s in range(4):
+                with torch.device("meta"):
+                    stages.append(make_pipeline_stage(build(), s, 4))
+        names = sorted(n for st in stages for n, _ in st.named_parameters())
+        assert names == whole
+        if stages[0].kind == "discriminator":
+            assert [sorted(st.heads) for st in stages] == [[], ["0"], ["1"], ["2"]]
+            assert stages[3].proj is not None and stages[0].proj is None
+        assert any(n.startswith("backbone.patch_embed") for n, _ in stages[0].named_parameters())
+        assert not any(n.startswith("backbone.patch_embed") for n, _ in stages[1].named_parameters())
