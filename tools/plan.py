@@ -13,6 +13,12 @@ the fastest, the one with the most headroom).
   python tools/plan.py --stage apt_video --gpus 1024 --micro-batch 2         # refused: prints what fits
   python tools/plan.py --config examples/configs/apt_video_8b.yaml --gpus 1024 parallel.sp=2
   python tools/plan.py --stage apt_image --gpus 256 --search                 # the best layouts that fit
+  python tools/plan.py --stage apt_video --gpus 1024 --engine pipeline --pp 4 --tp 2   # pipeline stages
+
+With --engine pipeline (parallel.engine=pipeline) the plan is per pipeline stage: whole fp32 parameters per
+stage, ZeRO-1 optimizer state over data parallel, 1F1B activations in flight; the report shows the heaviest
+stage, the bubble and the stage-to-stage traffic. --search (and the suggestions of a refused layout) then
+also tries pp in {2, 4, 8}; without it they stay with pp = 1.
 
 Assumptions (flags change them): H100 80 GB (79.6 GiB as nvidia-smi reports it); 364 model TFLOP/s per GPU
 (the 2b APT step measured on one H200, assumed for the H100: same 989 TFLOP/s datasheet bf16 peak);
@@ -43,11 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True, help="world size")
     p.add_argument("--tp", type=int, default=None)
     p.add_argument("--sp", type=int, default=None)
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages (> 1 needs --engine pipeline)")
+    p.add_argument("--pipeline-layers", default=None,
+                   help="blocks per pipeline stage of G / flow / cd models, comma-separated (default: even)")
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--global-batch", type=int, default=None, help="default: the paper's (9062 images, 2048 videos)")
     p.add_argument("--steps", type=int, default=None, help="updates, for the total time (default: the paper's)")
     p.add_argument("--no-activation-checkpointing", action="store_true")
-    p.add_argument("--engine", choices=["deepspeed", "torch"], default=None)
+    p.add_argument("--engine", choices=["deepspeed", "torch", "pipeline"], default=None)
     p.add_argument("--optimizer", choices=["rmsprop", "adamw"], default=None)
     p.add_argument("--sample", choices=["image", "video"], default=None,
                    help="sample kind (default: image for apt_image, video otherwise)")
@@ -83,12 +92,14 @@ def make_request(a: argparse.Namespace) -> P.PlanRequest:
     if a.stage and a.config and a.stage != req.stage:
         raise ValueError(f"--stage {a.stage} contradicts the config's stage {req.stage}")
     kw = {}
-    for name, key in (("preset", "preset"), ("tp", "tp"), ("sp", "sp"), ("micro_batch", "micro_batch"),
+    for name, key in (("preset", "preset"), ("tp", "tp"), ("sp", "sp"), ("pp", "pp"), ("micro_batch", "micro_batch"),
                       ("global_batch", "global_batch"), ("steps", "steps"), ("engine", "engine"),
                       ("optimizer", "optimizer")):
         v = getattr(a, name)
         if v is not None:
             kw[key] = v
+    if a.pipeline_layers:
+        kw["pipeline_layers"] = tuple(int(n) for n in a.pipeline_layers.split(","))
     if a.no_activation_checkpointing:
         kw["activation_checkpointing"] = False
     req = dataclasses.replace(req, world=a.gpus, gpu_mem_gib=a.gpu_mem_gib, gpus_per_node=a.gpus_per_node,
@@ -106,13 +117,15 @@ def make_request(a: argparse.Namespace) -> P.PlanRequest:
 
 def summary(plan: P.Plan) -> dict:
     r = plan.request
-    return {"stage": r.stage, "preset": r.preset, "world": r.world, "tp": r.tp, "sp": r.sp, "dp": plan.dims.dp,
+    return {"stage": r.stage, "preset": r.preset, "world": r.world, "engine": r.engine, "tp": r.tp, "sp": r.sp,
+            "pp": r.pp, "dp": plan.dims.dp,
             "micro_batch": r.micro_batch, "global_batch": r.global_batch, "counts": sorted(set(plan.batch.counts)),
             "micro_steps": plan.batch.micro_steps, "visual_tokens": plan.sample.n_visual,
             "text_tokens": plan.sample.n_text, "peak_gib": round(plan.total_gib, 3), "fits": plan.fits,
             "gpu_mem_gib": r.gpu_mem_gib, "peak_phase": plan.memory.peak_phase.name,
             "static_gib": {i.label: round(i.bytes / P.GIB, 4) for i in plan.memory.static},
-            "update_s": round(plan.time.per_update_s, 2),
+            "heaviest_stage": plan.heaviest_stage.index if plan.stages else None,
+            "bubble_fraction": round(plan.time.bubble_fraction, 4), "update_s": round(plan.time.per_update_s, 2),
             "total_h": None if plan.time.total_hours is None else round(plan.time.total_hours, 2)}
 
 
@@ -123,16 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    pps = (1, 2, 4, 8) if req.engine == "pipeline" else (1,)  # pipeline layouts only when asked for
     try:
         plan = P.make_plan(req)
     except P.LayoutError as e:  # a layout that cannot run at all
         print(f"error: {e}", file=sys.stderr)
-        best = P.search(req)
+        best = P.search(req, pps=pps)
         if best is not None:
             print(f"a layout that runs and fits: {P.describe_layout(best)} "
                   f"({best.total_gib:.1f} GiB, {best.time.per_update_s:.0f} s per update)", file=sys.stderr)
         return 2
-    fitting = P.candidates(req) if (a.search or not plan.fits) else []
+    fitting = P.candidates(req, pps=pps) if (a.search or not plan.fits) else []
     if a.json:
         out = {"plan": summary(plan), "suggested": [summary(p) for p in fitting[:5]]}
         print(json.dumps(out, indent=2))
@@ -149,18 +163,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"suggested: {P.describe_layout(best)}  -> {best.total_gib:.1f} GiB, "
                   f"{best.time.per_update_s:.1f} s per update "
                   "(the fastest that fit, within 2%, with the most headroom)")
-            print(f"  as config overrides: parallel.tp={best.request.tp} parallel.sp={best.request.sp} "
-                  f"micro_batch={best.request.micro_batch}")
+            print(f"  as config overrides: {P.config_overrides(best)}")
             print()
             print(P.format_plan(best))
         else:
-            print("no layout with tp, sp in {1, 2, 4, 8} and micro-batch >= 1 fits: use more GPUs per sample "
+            dims = "tp, pp in {1, 2, 4, 8}" if req.engine == "pipeline" else "tp, sp in {1, 2, 4, 8}"
+            print(f"no layout with {dims} and micro-batch >= 1 fits: use more GPUs per sample "
                   "or shorter sequences")
         return 1
     if fitting:
         print("\nlayouts that fit (within 2% of the fastest first, least memory first; then by time):")
         for p in fitting[:6]:
-            print(f"  {P.describe_layout(p):<34s} {p.total_gib:6.1f} GiB  {p.time.per_update_s:8.1f} s per update")
+            print(f"  {P.describe_layout(p):<58s} {p.total_gib:6.1f} GiB  {p.time.per_update_s:8.1f} s per update")
     return 0
 
 

@@ -230,3 +230,109 @@ def test_activation_model_against_the_measured_2b_step():
                                      ema=False, sample=P.video_sample(cfg)))
     allocated = (plan.memory.static_bytes + plan.memory.peak_phase.bytes) / P.GIB
     assert 58.2 <= allocated <= 58.2 * 1.15, allocated
+
+
+# ---- pipeline engine (parallel.engine=pipeline) ---------------------------------------------------------
+def _pipe_request(**kw):
+    base = dict(stage="apt_image", engine="pipeline", tp=1, micro_batch=1)
+    base.update(kw)
+    return P.PlanRequest(**base)
+
+
+def test_pipeline_stage_counts_sum_to_the_networks():
+    """Each stage is the trainer's own cut (make_pipeline_stage on a meta network); over the stages every
+    tensor-parallel-local parameter is counted once, D's carried never-run output head included."""
+    plan = P.make_plan(_pipe_request(world=64, tp=2, pp=4, global_batch=64))
+    assert plan.dims.pp == 4 and plan.dims.dp == 8 and len(plan.stages) == 4
+    cfg = P.get_model_config("8b")
+    whole = P.build_networks("apt_image", cfg, P.DiscriminatorConfig())
+    for net in ("G", "D"):
+        ref = P.count_network(whole[net], net, 2, 1, 0)
+        assert sum(st.nets[net].local for st in plan.stages) == ref.local == plan.nets[net].local
+        assert sum(st.nets[net].unused for st in plan.stages) == ref.unused
+        assert ref.local < ref.total  # tensor parallel split the blocks
+    assert plan.nets["D"].unused > 0 and plan.stages[-1].nets["D"].unused == plan.nets["D"].unused
+    # G's 36 blocks and D's blocks up to its deepest head, each split evenly and in order
+    assert [list(st.blocks["G"]) for st in plan.stages] == [list(range(9 * s, 9 * s + 9)) for s in range(4)]
+    assert [b for st in plan.stages for b in st.blocks["D"]] == list(range(max(whole["D"].head_layers)))
+    # the stage FLOPs add up to the pass FLOPs: model FLOPs as metrics.flops counts them, hardware FLOPs plus
+    # the generator step's extra G forward that only the pipeline layout runs
+    from megatron_apt.metrics.flops import apt_step_flops, mmdit_forward_flops
+
+    ref = apt_step_flops("8b", 1, 4096, 512)
+    assert plan.time.flops_model_per_sample == pytest.approx(ref.model, rel=1e-12)
+    assert plan.time.flops_hardware_per_sample == pytest.approx(ref.hardware + mmdit_forward_flops(cfg, 1, 4096, 512),
+                                                                rel=1e-12)
+
+
+def test_pipeline_zero1_optimizer_state_shards_over_dp():
+    small = P.make_plan(_pipe_request(world=16, pp=4, global_batch=64))  # dp 4
+    big = P.make_plan(_pipe_request(world=32, pp=4, global_batch=64))  # dp 8
+    assert (small.dims.dp, big.dims.dp) == (4, 8)
+    for s in range(4):
+        a, b = small.stages[s].memory, big.stages[s].memory
+        assert a.item("parameters (fp32, whole per stage)") == b.item("parameters (fp32, whole per stage)") > 0
+        assert a.item("EMA (fp32, whole per stage)") == b.item("EMA (fp32, whole per stage)")
+        label = "optimizer state (ZeRO-1 shard over dp)"
+        opt_a, opt_b = a.item(label), b.item(label)
+        assert opt_b / opt_a == pytest.approx(0.5, rel=0.05)
+        for net in ("G", "D"):  # whole parameters per rank: at least the average, at most one tensor more
+            n = big.stages[s].nets[net]
+            assert (n.local - n.unused) / 8 <= n.zero1_shard <= (n.local - n.unused) / 8 + n.largest_block
+    # RMSprop keeps one state tensor, AdamW two
+    adam = P.make_plan(_pipe_request(world=32, pp=4, global_batch=64, optimizer="adamw"))
+    label = "optimizer state (ZeRO-1 shard over dp)"
+    assert adam.stages[0].memory.item(label) == 2 * big.stages[0].memory.item(label)
+
+
+def test_pipeline_bubble():
+    """One 1F1B call takes m + pp - 1 slots of the slowest stage: the compute of m micro-steps scales as
+    (m + pp - 1) with pp = 2 and as m with pp = 1, and the bubble is (pp - 1) / (m + pp - 1) of each call."""
+    def plan(pp, m):
+        return P.make_plan(_pipe_request(world=2 * pp, pp=pp, global_batch=2 * m))  # dp 2: m samples per rank
+
+    p4, p8 = plan(2, 4), plan(2, 8)
+    assert (p4.time.micro_steps, p8.time.micro_steps) == (4, 8)
+    assert p8.time.compute_s / p4.time.compute_s == pytest.approx((8 + 1) / (4 + 1), rel=1e-9)
+    whole4, whole8 = plan(1, 4), plan(1, 8)
+    assert whole8.time.compute_s / whole4.time.compute_s == pytest.approx(8 / 4, rel=1e-9)
+    assert whole4.time.bubble_s == whole4.time.p2p_s == 0
+    for p in (p4, p8):
+        t, m = p.time, p.time.micro_steps
+        assert t.bubble_fraction == pytest.approx(1 / (m + 1))
+        # the bubble's share of the slot work (compute, TP, stage-to-stage p2p) is the bubble fraction
+        slots = sum(r["compute_s"] + r["tp_sp_s"] + r["p2p_s"] for r in t.passes)
+        assert t.bubble_s == pytest.approx(t.bubble_fraction * slots, rel=1e-9)
+        base = t.compute_s + t.tpsp_s + t.p2p_s + t.dp_allreduce_s + t.zero1_broadcast_s
+        assert t.per_update_s == pytest.approx(base * (1 + P.OVERHEAD), rel=1e-9)
+        assert t.p2p_s > 0 and t.dp_allreduce_s > 0 and t.zero1_broadcast_s > 0
+    # two stages share the work: without the bubble each takes a little over half of one whole-model slot
+    busy = p8.time.compute_s * 8 / 9
+    assert 0.5 < busy / whole8.time.compute_s < 0.6
+
+
+def test_pipeline_layout_errors():
+    with pytest.raises(P.LayoutError, match="sequence parallel"):
+        P.make_plan(_pipe_request(stage="apt_video", world=1024, sp=2, pp=2, global_batch=2048))
+    for engine in ("deepspeed", "torch"):
+        with pytest.raises(P.LayoutError, match="needs engine pipeline"):
+            P.make_plan(_pipe_request(stage="apt_video", world=1024, pp=2, engine=engine, global_batch=2048))
+    with pytest.raises(P.LayoutError, match="cannot be split"):
+        P.make_plan(_pipe_request(world=37 * 2, pp=37, global_batch=64))
+    with pytest.raises(P.LayoutError, match="pipeline_layers"):
+        P.make_plan(_pipe_request(world=8, pp=4, pipeline_layers=(9, 9, 9), global_batch=64))
+
+
+def test_pipeline_cli(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import plan as tool
+
+    rc = tool.main(["--stage", "apt_video", "--gpus", "1024", "--engine", "pipeline", "--pp", "4", "--tp", "2",
+                    "--micro-batch", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "pipeline 4 stages, 1F1B, ZeRO-1 optimizer state over dp = 128 ranks" in out
+    assert "memory per GPU on the heaviest stage (stage 0)" in out and "bubble" in out and "per update" in out
