@@ -19,6 +19,8 @@
 #   torchrun --nproc_per_node 8 examples/pretrain_apt_video.sh                     # any launcher that runs python
 #
 #   DRY_RUN=1 NNODES=128 bash examples/pretrain_apt_video.sh     # resolved config, layout, batch arithmetic
+#   deepspeed examples/pretrain_apt_video.sh parallel.engine=pipeline parallel.pp=4 parallel.tp=2 parallel.sp=1
+#                                  # pipeline layout: 4 stages, 1F1B, ZeRO-1 (tools/plan.py --engine pipeline)
 #   DEBUG=1 deepspeed --num_gpus 2 examples/pretrain_apt_video.sh   # debug preset, synthetic data, 2 steps, fp32
 #                                                                   # (runs on CPU with gloo too)
 #
