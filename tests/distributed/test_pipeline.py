@@ -175,9 +175,10 @@ APT_PARTS = ("generator", "generator_ema", "discriminator")
 def test_pp2_training_matches_one_rank(runs):
     """APT (D steps with aR1, G steps through D), CD and flow: 3 steps each under PP=2."""
     base, ref = runs
-    got = run_distributed(_all_stages, 2, str(base), str(base / "pp2"), PP2, 3, timeout=600)[0]
+    got = run_distributed(_all_stages, 2, str(base), str(base / "pp2"), PP2 + ["sample_every=3"], 3, timeout=600)[0]
     for stage in ("apt_image", "cd", "flow"):
         _same_history(got[stage], ref[stage])
+        assert (base / "pp2" / stage / "samples" / "step-00000003.png").is_file()  # written by the last stage
     _same_exports(base / "pp2/apt_image/export", base / "ref/apt_image/export", APT_PARTS)
     _same_exports(base / "pp2/cd/export", base / "ref/cd/export", ("model", "model_ema"))
     # the generator really moved (the comparison is not between two copies of the initial weights)
@@ -191,14 +192,22 @@ def _apt_only(rank, world, base, run, layout):
                                          f"run_dir={run}", "steps=3", "save_every=2"] + layout)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], []], ids=["pp2_tp2", "pp2_dp2_zero1"])
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["global_batch=3"]], ids=["pp2_tp2", "pp2_dp2_zero1_ragged"])
 def test_pp2_on_four_ranks_matches_one_rank(runs, layout):
+    """PP=2 x TP=2, and PP=2 x DP=2 with ZeRO-1 on a global batch of 3 (2 + 1 samples: the second
+    data-parallel rank runs a weight-0 micro-step), against one rank with the same global batch."""
     base, ref = runs
-    run = base / ("four_" + ("tp" if layout else "dp"))
+    tp = "parallel.tp=2" in layout
+    run = base / ("four_" + ("tp" if tp else "dp"))
     got = run_distributed(_apt_only, 4, str(base), str(run), PP2 + layout, timeout=600)[0]
-    _same_history(got, ref["apt_image"])
-    _same_exports(run / "export", base / "ref/apt_image/export", APT_PARTS)
-    if not layout:  # DP=2: each data-parallel rank of a stage holds part of the optimizer state (ZeRO-1)
+    if tp:
+        want, want_dir = ref["apt_image"], base / "ref/apt_image/export"
+    else:
+        want = run_distributed(_apt_only, 1, str(base), str(base / "ref_b3"), REF + layout, timeout=600)[0]
+        want_dir = base / "ref_b3/export"
+    _same_history(got, want)
+    _same_exports(run / "export", want_dir, APT_PARTS)
+    if not tp:  # DP=2: each data-parallel rank of a stage holds part of the optimizer state (ZeRO-1)
         ck = sorted((run / "checkpoints").glob("step-*"))[-1]
         for stage_ranks in ((0, 1), (2, 3)):
             held = []

@@ -111,3 +111,19 @@ def test_pipeline_stages_keep_full_model_names():
             assert stages[3].proj is not None and stages[0].proj is None
         assert any(n.startswith("backbone.patch_embed") for n, _ in stages[0].named_parameters())
         assert not any(n.startswith("backbone.patch_embed") for n, _ in stages[1].named_parameters())
+
+
+def test_pipeline_stage_state_dict_round_trip():
+    """A bare MMDiT's stage names its tensors as the MMDiT does (no wrapper prefix) and loads them back."""
+    import torch
+
+    from megatron_apt.models import build_mmdit
+    from megatron_apt.parallel.pipeline import make_pipeline_stage
+
+    full = build_mmdit("debug", zero_init=False, seed=0).state_dict()
+    st = make_pipeline_stage(build_mmdit("debug", zero_init=False, seed=1), 1, 2)
+    sd = st.state_dict()
+    assert sd and all(not k.startswith("backbone.") for k in sd)
+    assert {k.split(".")[1] for k in sd if k.startswith("blocks.")} == {"2", "3"}
+    st.load_state_dict({k: full[k] for k in sd})
+    assert all(torch.equal(v, full[k]) for k, v in st.state_dict().items())
