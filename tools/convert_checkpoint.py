@@ -4,7 +4,8 @@
   import-diffusers  a diffusers SD3Transformer2DModel directory -> a megatron_apt model directory
   export-diffusers  an SD3-configured megatron_apt model directory -> a diffusers SD3Transformer2DModel dir
   consolidate       a training checkpoint (RUN/checkpoints/step-N, or RUN: its latest; ZeRO-3 partitions on
-                    every tensor-parallel rank) -> model directories (G, D, the flow/cd model; raw or EMA)
+                    every tensor-parallel rank, or pipeline stages: PP -> 1) -> model directories (G, D, the
+                    flow/cd model; raw or EMA). A pipeline run of any pp and tp starts from such a directory.
   reshard           a model directory <-> N tensor-parallel shard files (model-tp{r}-of-{N}.safetensors)
   make-apt-init     consistency-distilled G-hat + diffusion weights -> DIR/generator and DIR/discriminator
   export-generator  the one-step generator (EMA by default) of a run, checkpoint or model dir -> an
