@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megatron_apt.config.model import DiscriminatorConfig
 from megatron_apt.methods.apt import APTConfig, shift_timestep
 from megatron_apt.methods.stages import Stage, _null_text
-from megatron_apt.parallel.pipeline import PipeItem, PipelineRunner, make_pipeline_stage
+from megatron_apt.parallel.pipeline import PipeItem, PipelineRunner, load_pipeline_stage, make_pipeline_stage
 
 
 class _PipelineStageBase(Stage):
@@ -26,8 +26,17 @@ class _PipelineStageBase(Stage):
         self.runner = PipelineRunner(autocast_dtype=dt)
 
     def stage_of(self, model, layers=True):
+        """Cut a whole (already parallelised) model: for models initialised from scratch."""
         P = self.runner.size
         return make_pipeline_stage(model, self.runner.rank, P, self.cfg.parallel.pipeline_layers if layers else None)
+
+    def load_stage(self, kind, path, dcfg=None, head_seed=None):
+        """This rank's stage of a model directory, read stage-only, then tensor-parallelised."""
+        st = load_pipeline_stage(kind, path, self.runner.rank, self.runner.size,
+                                 layers_per_stage=None if kind == "discriminator" else self.cfg.parallel.pipeline_layers,
+                                 discriminator_config=dcfg, head_seed=head_seed, device=self.t.device)
+        self.t.parallelize(st, extra_blocks=list(st.heads.values()) if kind == "discriminator" else ())
+        return st
 
     def reduce_metrics(self, sums: dict[str, float], keys: list[str]) -> dict[str, float]:
         """Sums held by the last stage -> on every stage (then averaged over data parallel by the caller)."""
@@ -63,8 +72,11 @@ class PipelineFlowStage(_PipelineStageBase):
 
     def __init__(self, trainer):
         super().__init__(trainer)
-        model = trainer.load_or_build_backbone(self.cfg.model.init)
-        self.engine = trainer.make_engine(self.stage_of(model), lr=self.cfg.optim.lr)
+        if self.cfg.model.init:
+            st = self.load_stage("velocity", self.cfg.model.init)
+        else:  # from scratch: the whole model is initialised (for identical weights on any layout), then cut
+            st = self.stage_of(trainer.load_or_build_backbone(None))
+        self.engine = trainer.make_engine(st, lr=self.cfg.optim.lr)
         if self.cfg.apt.ema_decay > 0:
             self.engine.init_ema()
 
@@ -125,12 +137,10 @@ class PipelineConsistencyStage(_PipelineStageBase):
         if not c.model.init and not c.model.teacher:
             raise ValueError("consistency distillation needs model.init (or model.teacher): the diffusion model")
         teacher_dir = c.model.teacher or c.model.init
-        student = trainer.load_or_build_backbone(c.model.init or teacher_dir)
-        teacher = trainer.load_or_build_backbone(teacher_dir).requires_grad_(False).eval()
+        self.teacher = self.load_stage("velocity", teacher_dir).requires_grad_(False).eval()
         if c.precision == "bf16" and trainer.device.type == "cuda":
-            teacher = teacher.to(torch.bfloat16)
-        self.teacher = self.stage_of(teacher)
-        self.engine = trainer.make_engine(self.stage_of(student), lr=c.optim.lr)
+            self.teacher = self.teacher.to(torch.bfloat16)
+        self.engine = trainer.make_engine(self.load_stage("velocity", c.model.init or teacher_dir), lr=c.optim.lr)
         self.engine.init_ema()
         n = c.cd.num_steps
         grid = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
@@ -219,14 +229,12 @@ class PipelineAPTStage(_PipelineStageBase):
                              "generator) and model.teacher (the diffusion weights for the discriminator)")
         self.apt = APTConfig(r1_lambda=c.apt.r1_lambda, r1_sigma=c.apt.r1_sigma, timestep_shift=c.apt.timestep_shift,
                              use_r1=c.apt.use_r1)
-        G = OneStepGenerator(trainer.load_or_build_backbone(c.model.init, parallel=False))
-        D = Discriminator(trainer.load_or_build_backbone(c.model.teacher, parallel=False),
-                          DiscriminatorConfig(head_layers=tuple(c.model.head_layers) if c.model.head_layers else None))
-        D.init_heads(generator=torch.Generator().manual_seed(c.seed + 17))  # as the single-stage trainer
-        trainer.parallelize(G)
-        trainer.parallelize(D, extra_blocks=list(D.heads))
-        self.G = trainer.make_engine(self.stage_of(G), lr=c.optim.lr)
-        self.D = trainer.make_engine(self.stage_of(D, layers=False), lr=c.optim.d_lr or c.optim.lr)
+        dcfg = DiscriminatorConfig(head_layers=tuple(c.model.head_layers) if c.model.head_layers else None)
+        # each rank reads only its stage of G-hat and of the diffusion weights; D's fresh heads are drawn from
+        # the same seed as the single-stage trainer draws them
+        self.G = trainer.make_engine(self.load_stage("generator", c.model.init), lr=c.optim.lr)
+        self.D = trainer.make_engine(self.load_stage("discriminator", c.model.teacher, dcfg, head_seed=c.seed + 17),
+                                     lr=c.optim.d_lr or c.optim.lr)
         self.G.init_ema()
 
     def engines(self):

@@ -57,12 +57,14 @@ def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *, act
         raise TypeError(f"parallelize_mmdit needs an MMDiT or a module with an MMDiT .backbone, got {type(model).__name__}")
     cfg = backbone.config
     check_heads(cfg.num_heads, dims)
+    # a pipeline stage keeps its blocks (and D's heads) in ModuleDicts keyed by index
+    blocks = list(backbone.blocks.values()) if isinstance(backbone.blocks, nn.ModuleDict) else list(backbone.blocks)
     applied = []
     if dims.tp > 1:
         from megatron_apt.parallel.state import tp_group
         from megatron_apt.parallel.tensor_parallel import apply_tensor_parallel
 
-        n = apply_tensor_parallel(backbone.blocks, dims.tp, dist.get_rank(tp_group()))
+        n = apply_tensor_parallel(blocks, dims.tp, dist.get_rank(tp_group()))
         applied.append(f"tensor parallel {dims.tp} ({n} layers -> megatron-core Column/RowParallelLinear)")
     if dims.sp > 1:
         from megatron_apt.parallel.sequence_parallel import (
@@ -76,18 +78,19 @@ def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *, act
         g = sp_group()
         backbone.seq_shard = SPSequenceShard(g)
         backbone.seq_gather = SPSequenceGather(g)
-        for block in backbone.blocks:
+        for block in blocks:
             block.attn.core = UlyssesAttentionCore(g)
-        heads = list(getattr(model, "heads", []))  # the discriminator's cross-attention heads
+        heads = getattr(model, "heads", None) or []  # the discriminator's cross-attention heads
+        heads = list(heads.values()) if isinstance(heads, nn.ModuleDict) else list(heads)
         for head in heads:
             head.core = SPHeadAttentionCore(g)
         applied.append(f"sequence parallel {dims.sp} (Ulysses all-to-all, {len(backbone.blocks)} attention cores"
                        + (f", {len(heads)} discriminator heads with a cross-rank softmax)" if heads else ")"))
     if activation_checkpointing:
-        n = apply_activation_checkpointing(list(backbone.blocks) + list(extra_blocks))
+        n = apply_activation_checkpointing(blocks + list(extra_blocks))
         applied.append(f"activation checkpointing ({n} blocks)")
     if compile:
-        for block in backbone.blocks:
+        for block in blocks:
             block.compile()
         applied.append("torch.compile per block")
     model._apt_parallel_dims = dims
