@@ -94,3 +94,25 @@ def run_tool(name: str, *args) -> int:
     finally:
         sys.path.remove(tools)
     return tool.main([str(a) for a in args])
+
+
+def save_debug_models(base):
+    """The `debug` preset's diffusion model (base/diff, seed 1) and consistency-distilled G-hat (base/cd,
+    seed 2), with non-zero adaLN gates so every parameter gets a gradient. Returns base."""
+    from pathlib import Path
+
+    from megatron_apt.models import build_mmdit, save_mmdit
+
+    base = Path(base)
+    save_mmdit(build_mmdit("debug", zero_init=False, seed=1), base / "diff")
+    save_mmdit(build_mmdit("debug", zero_init=False, seed=2), base / "cd", kind="consistency")
+    return base
+
+
+def train_worker(rank: int, world: int, overrides: list[str]) -> list[dict]:
+    """Run the trainer with dotted overrides on this rank (for run_distributed); its numeric history."""
+    from megatron_apt.config.train import load_config
+    from megatron_apt.trainer.trainer import Trainer
+
+    hist = Trainer(load_config(None, overrides)).train()
+    return [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in hist]

@@ -188,6 +188,10 @@ class TrainConfig:
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.parallel.engine not in ("deepspeed", "torch", "pipeline"):
             raise ValueError(f"parallel.engine must be deepspeed, torch or pipeline, got {self.parallel.engine!r}")
+        uses_ema = self.stage != "flow" or self.apt.ema_decay > 0
+        if self.parallel.engine == "deepspeed" and self.parallel.zero_stage != 3 and uses_ema:
+            raise ValueError(f"parallel.zero_stage={self.parallel.zero_stage}: the EMA this stage keeps is implemented "
+                             "for DeepSpeed ZeRO-3 only (use parallel.zero_stage=3, or parallel.engine=torch/pipeline)")
         if self.parallel.pp < 1:
             raise ValueError(f"parallel.pp must be >= 1, got {self.parallel.pp}")
         if self.parallel.pp > 1 and self.parallel.engine != "pipeline":

@@ -93,6 +93,40 @@ def _reduce(v: torch.Tensor, reduction: str) -> torch.Tensor:
     return v.sum() if reduction == "sum" else v.mean()
 
 
+def fused_d_inputs(x, perturbed, fake, t_real, t_fake, text, text_mask=None, pooled=None, *, use_r1: bool):
+    """One D batch [real, perturbed real (same t), fake] (without aR1: [real, fake]): (x, t, text, mask, pooled)."""
+    if use_r1:
+        return (torch.cat([x, perturbed, fake]), torch.cat([t_real, t_real, t_fake]), _rep(text, 3),
+                _rep(text_mask, 3), _rep(pooled, 3))
+    return torch.cat([x, fake]), torch.cat([t_real, t_fake]), _rep(text, 2), _rep(text_mask, 2), _rep(pooled, 2)
+
+
+def split_fused_logits(logits, batch: int, *, use_r1: bool):
+    """(real, perturbed or None, fake) logits of a `fused_d_inputs` batch."""
+    if use_r1:
+        real_l, pert_l, fake_l = logits.split(batch)
+        return real_l, pert_l, fake_l
+    real_l, fake_l = logits.split(batch)
+    return real_l, None, fake_l
+
+
+def discriminator_loss_from_logits(real_l, fake_l, pert_l=None, *, cfg: APTConfig, reduction: str = "mean"):
+    """Eq. 10 from D's logits on real, fake and (with aR1) perturbed real samples: (loss, metrics)."""
+    adv = _reduce(F.softplus(-real_l) + F.softplus(fake_l), reduction)
+    r1 = _reduce((real_l - pert_l).pow(2), reduction) if pert_l is not None else torch.zeros((), device=real_l.device)
+    loss = adv + (cfg.r1_lambda * r1 if cfg.use_r1 else 0.0)
+    metrics = {
+        "d_loss": loss.detach(),
+        "d_adv": adv.detach(),
+        "ar1": r1.detach(),
+        "logit_real": real_l.detach().mean(),
+        "logit_fake": fake_l.detach().mean(),
+        "logit_gap": (real_l.detach().mean() - fake_l.detach().mean()),
+        "d_acc": 0.5 * ((real_l.detach() > 0).float().mean() + (fake_l.detach() < 0).float().mean()),
+    }
+    return loss, metrics
+
+
 def discriminator_loss(D, G, x, text, text_mask=None, pooled=None, *, cfg: APTConfig,
                        generator: torch.Generator | None = None, z: torch.Tensor | None = None,
                        t_real: torch.Tensor | None = None, t_fake: torch.Tensor | None = None,
@@ -113,32 +147,14 @@ def discriminator_loss(D, G, x, text, text_mask=None, pooled=None, *, cfg: APTCo
     if eps is None:
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     perturbed = x + cfg.r1_sigma * eps  # same t as the real sample it perturbs
-    if cfg.use_r1 and cfg.fused_d_forward:
-        logits = D(torch.cat([x, perturbed, fake]), torch.cat([t_real, t_real, t_fake]), _rep(text, 3),
-                   _rep(text_mask, 3), _rep(pooled, 3))
-        real_l, pert_l, fake_l = logits.split(B)
-    elif cfg.fused_d_forward:
-        logits = D(torch.cat([x, fake]), torch.cat([t_real, t_fake]), _rep(text, 2), _rep(text_mask, 2),
-                   _rep(pooled, 2))
-        real_l, fake_l = logits.split(B)
-        pert_l = None
+    if cfg.fused_d_forward:
+        logits = D(*fused_d_inputs(x, perturbed, fake, t_real, t_fake, text, text_mask, pooled, use_r1=cfg.use_r1))
+        real_l, pert_l, fake_l = split_fused_logits(logits, B, use_r1=cfg.use_r1)
     else:
         real_l = D(x, t_real, text, text_mask, pooled)
         fake_l = D(fake, t_fake, text, text_mask, pooled)
         pert_l = D(perturbed, t_real, text, text_mask, pooled) if cfg.use_r1 else None
-    adv = _reduce(F.softplus(-real_l) + F.softplus(fake_l), reduction)
-    r1 = _reduce((real_l - pert_l).pow(2), reduction) if pert_l is not None else torch.zeros((), device=x.device)
-    loss = adv + (cfg.r1_lambda * r1 if cfg.use_r1 else 0.0)
-    metrics = {
-        "d_loss": loss.detach(),
-        "d_adv": adv.detach(),
-        "ar1": r1.detach(),
-        "logit_real": real_l.detach().mean(),
-        "logit_fake": fake_l.detach().mean(),
-        "logit_gap": (real_l.detach().mean() - fake_l.detach().mean()),
-        "d_acc": 0.5 * ((real_l.detach() > 0).float().mean() + (fake_l.detach() < 0).float().mean()),
-    }
-    return loss, metrics
+    return discriminator_loss_from_logits(real_l, fake_l, pert_l, cfg=cfg, reduction=reduction)
 
 
 def generator_loss(D, G, text, text_mask=None, pooled=None, *, shape, cfg: APTConfig,

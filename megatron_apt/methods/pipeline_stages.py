@@ -13,9 +13,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_apt.config.model import DiscriminatorConfig
-from megatron_apt.methods.apt import APTConfig, shift_timestep
-from megatron_apt.methods.stages import Stage, _null_text
+from megatron_apt.methods.apt import discriminator_loss_from_logits, fused_d_inputs, split_fused_logits
+from megatron_apt.methods.stages import (
+    APTMethod,
+    ConsistencyMethod,
+    FlowMethod,
+    Stage,
+    per_sample_mse,
+    sum_dicts,
+)
 from megatron_apt.parallel.pipeline import PipeItem, PipelineRunner, load_pipeline_stage, make_pipeline_stage
 
 
@@ -38,8 +44,10 @@ class _PipelineStageBase(Stage):
         self.t.parallelize(st, extra_blocks=list(st.heads.values()) if kind == "discriminator" else ())
         return st
 
-    def reduce_metrics(self, sums: dict[str, float], keys: list[str]) -> dict[str, float]:
-        """Sums held by the last stage -> on every stage (then averaged over data parallel by the caller)."""
+    def run_and_reduce(self, stage, items, loss_fn, keys, **kw) -> dict[str, float]:
+        """One forward+backward call; the per-micro-batch metric dicts that loss_fn returns are summed on the
+        last stage and broadcast to every stage (the caller then averages over data parallel)."""
+        sums = sum_dicts(self.runner.run(stage, items, loss_fn, **kw))
         dev = self.t.device if self.t.device.type == "cuda" else torch.device("cpu")
         vec = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64, device=dev)
         vec = self.runner.broadcast_from_last(vec)
@@ -67,7 +75,7 @@ class _PipelineStageBase(Stage):
 
 
 # ------------------------------------------------------------------------------------------------------
-class PipelineFlowStage(_PipelineStageBase):
+class PipelineFlowStage(FlowMethod, _PipelineStageBase):
     name = "flow"
 
     def __init__(self, trainer):
@@ -89,43 +97,18 @@ class PipelineFlowStage(_PipelineStageBase):
     def train_step(self, step, micro_batches):
         items = []
         for mb in micro_batches:
-            x0, text, mask = mb["x"], mb["text"], mb["text_mask"]
-            eps = self.noise(mb, step, "flow.eps")
-            t = shift_timestep(self.uniform(mb, step, "flow.t"), self.shift_for(x0)).to(x0.dtype)
-            drop = self.uniform(mb, step, "flow.drop") < self.cfg.flow.text_dropout
-            if drop.any():
-                nt, nm = _null_text(text, mask)
-                text = torch.where(drop[:, None, None], nt, text)
-                mask = torch.where(drop[:, None], nm, mask)
-            tb = t.view(-1, 1, 1, 1, 1)
-            items.append(PipeItem((1 - tb) * x0 + tb * eps, t, text, mask, {"target": eps - x0, "mb": mb}))
+            xt, t, text, mask, target = self.flow_inputs(mb, step)
+            items.append(PipeItem(xt, t, text, mask, {"target": target, "mb": mb}))
 
         def loss_fn(v, item):
-            per = (v.float() - item.extra["target"].float()).pow(2).flatten(1).mean(1)
-            w = item.extra["mb"]["weight"]
-            return per.sum() * self.scale(item.extra["mb"]), {"loss": float(per.detach().sum()) * w, "n": len(per) * w}
+            return self.mse_loss(per_sample_mse(v, item.extra["target"]), item.extra["mb"])
 
-        res = self.runner.run(self.engine.module, items, loss_fn)
-        sums = self.reduce_metrics({k: sum(r[k] for r in res) for k in ("loss", "n")} if res else {}, ["loss", "n"])
-        gnorm = self.engine.step()
-        if self.engine.ema is not None:
-            self.engine.update_ema(self.cfg.apt.ema_decay)
-        return {"loss": self.t.global_mean(sums["loss"], sums["n"]), "grad_norm": gnorm}
-
-    def shift_for(self, x):
-        from megatron_apt.methods.stages import FlowMatchingStage
-
-        return FlowMatchingStage.shift_for(self, x)
-
-    def model_flops(self, x_shape, text_len):
-        from megatron_apt.metrics.flops import flow_matching_step_flops, visual_tokens
-
-        cfg = self.engine.module.config
-        return float(flow_matching_step_flops(cfg, 1, visual_tokens(cfg, x_shape[1:]), text_len).model)
+        sums = self.run_and_reduce(self.engine.module, items, loss_fn, ("loss", "n"))
+        return self.finish_mse_step(sums, self.cfg.apt.ema_decay if self.engine.ema is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------------
-class PipelineConsistencyStage(_PipelineStageBase):
+class PipelineConsistencyStage(ConsistencyMethod, _PipelineStageBase):
     """Consistency distillation: teacher (forward only, CFG as a doubled batch) -> the ODE step on the last
     stage -> to the first stage -> EMA target (forward only) -> student forward and backward."""
 
@@ -142,9 +125,7 @@ class PipelineConsistencyStage(_PipelineStageBase):
             self.teacher = self.teacher.to(torch.bfloat16)
         self.engine = trainer.make_engine(self.load_stage("velocity", c.model.init or teacher_dir), lr=c.optim.lr)
         self.engine.init_ema()
-        n = c.cd.num_steps
-        grid = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
-        self.grid = shift_timestep(grid, c.cd.shift).float()
+        self.init_grid()
 
     def engines(self):
         return {"model": self.engine}
@@ -153,88 +134,48 @@ class PipelineConsistencyStage(_PipelineStageBase):
         return self.engine.module
 
     def train_step(self, step, micro_batches):
-        n_steps, w_cfg = self.cfg.cd.num_steps, self.cfg.cd.cfg_scale
-        prep = []
-        for mb in micro_batches:
-            x0, text, mask = mb["x"], mb["text"], mb["text_mask"]
-            eps = self.noise(mb, step, "cd.eps")
-            idx = (self.uniform(mb, step, "cd.n") * n_steps).long().clamp(0, n_steps - 1) + 1
-            tn = self.grid.to(x0.device)[idx].to(x0.dtype)
-            tp = self.grid.to(x0.device)[idx - 1].to(x0.dtype)
-            xt = (1 - tn.view(-1, 1, 1, 1, 1)) * x0 + tn.view(-1, 1, 1, 1, 1) * eps
-            prep.append((mb, xt, tn, tp))
+        prep = [(mb, *self.cd_point(mb, step)) for mb in micro_batches]  # (mb, x_t, t_n, t_{n-1})
+        last = self.runner.is_last
         # 1. the teacher's CFG velocity and Euler step t_n -> t_{n-1}, on the last stage
-        titems = []
-        for mb, xt, tn, tp in prep:
-            nt, nm = _null_text(mb["text"], mb["text_mask"])
-            titems.append(PipeItem(torch.cat([xt, xt]), torch.cat([tn, tn]), torch.cat([mb["text"], nt]),
-                                   torch.cat([mb["text_mask"], nm]), {}))
+        titems = [PipeItem(*self.teacher_inputs(xt, tn, mb["text"], mb["text_mask"]), {}) for mb, xt, tn, tp in prep]
         with torch.no_grad():
             v = self.runner.run(self.teacher, titems, None, forward_only=True)
-        xps = []
-        if self.runner.is_last:
-            for (mb, xt, tn, tp), vv in zip(prep, v):
-                vc, vu = vv.float().chunk(2)
-                vcfg = vu + w_cfg * (vc - vu)
-                xps.append((xt.float() + (tp - tn).view(-1, 1, 1, 1, 1).float() * vcfg).to(xt.dtype))
+        xps = [self.teacher_step(xt, tn, tp, vv) for (mb, xt, tn, tp), vv in zip(prep, v)] if last else None
         # 2. the EMA target at t_{n-1}: its input is needed on the first stage
-        xp_first = self._move_last_to_first(xps if self.runner.is_last else None, [p[1] for p in prep])
+        xp_first = self._move_last_to_first(xps, [p[1] for p in prep])
         eitems = [PipeItem(xp.to(xt.dtype), tp, mb["text"], mb["text_mask"], {})
                   for (mb, xt, tn, tp), xp in zip(prep, xp_first)]
         with torch.no_grad(), self.engine.ema_weights():
             ve = self.runner.run(self.engine.module, eitems, None, forward_only=True)
-        targets = []
-        if self.runner.is_last:
-            for (mb, xt, tn, tp), xp, vv in zip(prep, xps, ve):
-                targets.append(xp.float() - tp.view(-1, 1, 1, 1, 1).float() * vv.float())
+        targets = [self.consistency_fn(xp, tp, vv) for (mb, xt, tn, tp), xp, vv in zip(prep, xps, ve)] if last else None
         # 3. the student at t_n, forward and backward
-        sitems = [PipeItem(xt, tn, mb["text"], mb["text_mask"],
-                           {"mb": mb, "xt": xt, "tn": tn, "target": targets[i] if targets else None})
+        sitems = [PipeItem(xt, tn, mb["text"], mb["text_mask"], {"mb": mb, "xt": xt, "tn": tn,
+                                                                 "target": targets[i] if last else None})
                   for i, (mb, xt, tn, tp) in enumerate(prep)]
 
         def loss_fn(v, item):
             e = item.extra
-            pred = e["xt"].float() - e["tn"].view(-1, 1, 1, 1, 1).float() * v.float()
-            per = (pred - e["target"]).pow(2).flatten(1).mean(1)
-            w = e["mb"]["weight"]
-            return per.sum() * self.scale(e["mb"]), {"loss": float(per.detach().sum()) * w, "n": len(per) * w}
+            return self.mse_loss(per_sample_mse(self.consistency_fn(e["xt"], e["tn"], v), e["target"]), e["mb"])
 
-        res = self.runner.run(self.engine.module, sitems, loss_fn)
-        sums = self.reduce_metrics({k: sum(r[k] for r in res) for k in ("loss", "n")} if res else {}, ["loss", "n"])
-        gnorm = self.engine.step()
-        self.engine.update_ema(self.cfg.cd.ema_decay)
-        return {"loss": self.t.global_mean(sums["loss"], sums["n"]), "grad_norm": gnorm}
-
-    def model_flops(self, x_shape, text_len):
-        from megatron_apt.metrics.flops import consistency_step_flops, visual_tokens
-
-        cfg = self.engine.module.config
-        return float(consistency_step_flops(cfg, 1, visual_tokens(cfg, x_shape[1:]), text_len).model)
+        sums = self.run_and_reduce(self.engine.module, sitems, loss_fn, ("loss", "n"))
+        return self.finish_mse_step(sums, self.cfg.cd.ema_decay)
 
 
 # ------------------------------------------------------------------------------------------------------
-class PipelineAPTStage(_PipelineStageBase):
+class PipelineAPTStage(APTMethod, _PipelineStageBase):
     """APT with G and D each split over the pipeline stages (see `parallel.pipeline` for the composition)."""
 
     name = "apt"
-    D_KEYS = ["d_adv", "ar1", "logit_real", "logit_fake", "d_acc", "n"]
 
     def __init__(self, trainer):
         super().__init__(trainer)
-        from megatron_apt.models.discriminator import Discriminator, OneStepGenerator
-
+        self.init_apt()
         c = self.cfg
-        if not c.model.init or not c.model.teacher:
-            raise ValueError("APT needs model.init (the consistency-distilled G-hat, or the image stage's EMA "
-                             "generator) and model.teacher (the diffusion weights for the discriminator)")
-        self.apt = APTConfig(r1_lambda=c.apt.r1_lambda, r1_sigma=c.apt.r1_sigma, timestep_shift=c.apt.timestep_shift,
-                             use_r1=c.apt.use_r1)
-        dcfg = DiscriminatorConfig(head_layers=tuple(c.model.head_layers) if c.model.head_layers else None)
         # each rank reads only its stage of G-hat and of the diffusion weights; D's fresh heads are drawn from
         # the same seed as the single-stage trainer draws them
         self.G = trainer.make_engine(self.load_stage("generator", c.model.init), lr=c.optim.lr)
-        self.D = trainer.make_engine(self.load_stage("discriminator", c.model.teacher, dcfg, head_seed=c.seed + 17),
-                                     lr=c.optim.d_lr or c.optim.lr)
+        self.D = trainer.make_engine(self.load_stage("discriminator", c.model.teacher, self.dcfg,
+                                                     head_seed=self.head_seed), lr=c.optim.d_lr or c.optim.lr)
         self.G.init_ema()
 
     def engines(self):
@@ -251,59 +192,33 @@ class PipelineAPTStage(_PipelineStageBase):
         return self._move_last_to_first(fakes if self.runner.is_last else None, zs)
 
     def _d_update(self, step, micro_batches, k):
-        tag = f"apt.d{k}"
-        zs = [self.noise(mb, step, tag + ".z") for mb in micro_batches]
-        fakes = self._fakes_on_first(micro_batches, zs)
+        draws = [self.d_draws(mb, step, k) for mb in micro_batches]
+        fakes = self._fakes_on_first(micro_batches, [d[0] for d in draws])
         use_r1 = self.apt.use_r1
         items = []
-        for mb, fake in zip(micro_batches, fakes):
-            x, text, mask = mb["x"], mb["text"], mb["text_mask"]
-            eps = self.noise(mb, step, tag + ".eps")
-            t_real = shift_timestep(self.uniform(mb, step, tag + ".tr"), self.apt.timestep_shift).to(x.dtype)
-            t_fake = shift_timestep(self.uniform(mb, step, tag + ".tf"), self.apt.timestep_shift).to(x.dtype)
-            fake = fake.to(x.dtype)
-            if use_r1:  # one fused D pass over [real, perturbed real (same t), fake]
-                xin, tin, rep = torch.cat([x, x + self.apt.r1_sigma * eps, fake]), torch.cat([t_real, t_real, t_fake]), 3
-            else:
-                xin, tin, rep = torch.cat([x, fake]), torch.cat([t_real, t_fake]), 2
-            items.append(PipeItem(xin, tin, torch.cat([text] * rep), torch.cat([mask] * rep), {"mb": mb}))
+        for mb, (z, eps, t_real, t_fake), fake in zip(micro_batches, draws, fakes):
+            x = mb["x"]
+            xin, tin, text, mask, _ = fused_d_inputs(x, x + self.apt.r1_sigma * eps, fake.to(x.dtype), t_real, t_fake,
+                                                     mb["text"], mb["text_mask"], use_r1=use_r1)
+            items.append(PipeItem(xin, tin, text, mask, {"mb": mb}))
 
         def loss_fn(logits, item):
             mb = item.extra["mb"]
-            B = mb["x"].shape[0]
-            if use_r1:
-                real_l, pert_l, fake_l = logits.float().split(B)
-                r1 = (real_l - pert_l).pow(2).sum()
-            else:
-                real_l, fake_l = logits.float().split(B)
-                r1 = torch.zeros((), device=logits.device)
-            adv = (F.softplus(-real_l) + F.softplus(fake_l)).sum()
-            loss = adv + (self.apt.r1_lambda * r1 if use_r1 else 0.0)
-            w = mb["weight"]
-            rl, fl = real_l.detach(), fake_l.detach()
-            m = {"d_adv": float(adv.detach()) * w, "ar1": float(r1.detach()) * w, "logit_real": float(rl.mean()) * w * B,
-                 "logit_fake": float(fl.mean()) * w * B,
-                 "d_acc": float(0.5 * ((rl > 0).float().mean() + (fl < 0).float().mean())) * w * B, "n": w * B}
-            return loss * self.scale(mb), m
+            real_l, pert_l, fake_l = split_fused_logits(logits.float(), mb["x"].shape[0], use_r1=use_r1)
+            loss, m = discriminator_loss_from_logits(real_l, fake_l, pert_l, cfg=self.apt, reduction="sum")
+            return loss * self.scale(mb), self.d_metric_sums(m, mb)
 
-        res = self.runner.run(self.D.module, items, loss_fn)
-        sums = self.reduce_metrics({k: sum(r[k] for r in res) for k in self.D_KEYS} if res else {}, self.D_KEYS)
-        gnorm = self.D.step()
-        out = {k: self.t.global_mean(sums[k], sums["n"]) for k in self.D_KEYS if k != "n"}
-        out["d_loss"] = out["d_adv"] + (self.apt.r1_lambda * out["ar1"] if use_r1 else 0.0)
-        out["logit_gap"] = out["logit_real"] - out["logit_fake"]
-        out["d_grad_norm"] = gnorm
-        return out
+        keys = self.D_SUM_KEYS + self.D_MEAN_KEYS + ("n",)
+        sums = self.run_and_reduce(self.D.module, items, loss_fn, keys)
+        return self.d_summary(sums, self.D.step())
 
     def _g_update(self, step, micro_batches):
-        zs = [self.noise(mb, step, "apt.g.z") for mb in micro_batches]
+        draws = [self.g_draws(mb, step) for mb in micro_batches]
+        zs = [z for z, _ in draws]
         fakes = self._fakes_on_first(micro_batches, zs)
         # dL_G / d fake through the frozen D, on the first stage
-        items = []
-        for mb, fake in zip(micro_batches, fakes):
-            x = mb["x"]
-            t = shift_timestep(self.uniform(mb, step, "apt.g.t"), self.apt.timestep_shift).to(x.dtype)
-            items.append(PipeItem(fake.to(x.dtype), t, mb["text"], mb["text_mask"], {"mb": mb}))
+        items = [PipeItem(fake.to(mb["x"].dtype), t, mb["text"], mb["text_mask"], {"mb": mb})
+                 for mb, (z, t), fake in zip(micro_batches, draws, fakes)]
 
         def leaf(item):
             item.extra["leaf"] = item.x.detach().requires_grad_(True)
@@ -311,13 +226,13 @@ class PipelineAPTStage(_PipelineStageBase):
 
         def d_loss_fn(logits, item):
             mb = item.extra["mb"]
-            loss = F.softplus(-logits.float()).sum()
+            loss = F.softplus(-logits.float()).sum()  # Eq. 2, non-saturating
             return loss * self.scale(mb), {"g_loss": float(loss.detach()) * mb["weight"],
                                            "n": mb["weight"] * mb["x"].shape[0]}
 
         self.D.module.requires_grad_(False)
         try:
-            res = self.runner.run(self.D.module, items, d_loss_fn, input_hook=leaf)
+            sums = self.run_and_reduce(self.D.module, items, d_loss_fn, ("g_loss", "n"), input_hook=leaf)
         finally:
             self.D.module.requires_grad_(True)
         grads = [it.extra["leaf"].grad.float() for it in items] if self.runner.is_first else None
@@ -326,27 +241,9 @@ class PipelineAPTStage(_PipelineStageBase):
         gitems = [PipeItem(z, None, mb["text"], mb["text_mask"], {"g": g})
                   for mb, z, g in zip(micro_batches, zs, grads)]
         self.runner.run(self.G.module, gitems, lambda out, item: ((out.float() * item.extra["g"]).sum(), {}))
-        sums = self.reduce_metrics({k: sum(r[k] for r in res) for k in ("g_loss", "n")} if res else {},
-                                   ["g_loss", "n"])
         gnorm = self.G.step()
         self.G.update_ema(self.cfg.apt.ema_decay)
         return {"g_loss": self.t.global_mean(sums["g_loss"], sums["n"]), "g_grad_norm": gnorm}
-
-    def train_step(self, step, micro_batches):
-        out: dict[str, float] = {}
-        for k in range(self.cfg.apt.d_steps_per_g_step):
-            out.update(self._d_update(step, micro_batches, k))
-        out.update(self._g_update(step, micro_batches))
-        out["loss"] = out["g_loss"]
-        return out
-
-    def model_flops(self, x_shape, text_len):
-        from megatron_apt.metrics.flops import apt_step_flops, visual_tokens
-
-        cfg = self.G.module.config
-        dcfg = DiscriminatorConfig(head_layers=tuple(self.D.module.head_layers))
-        return float(apt_step_flops(cfg, 1, visual_tokens(cfg, x_shape[1:]), text_len, dcfg,
-                                    use_r1=self.apt.use_r1).model)
 
 
 PIPELINE_STAGE_CLASSES = {"flow": PipelineFlowStage, "cd": PipelineConsistencyStage, "apt_image": PipelineAPTStage,

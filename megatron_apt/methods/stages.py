@@ -42,6 +42,18 @@ class Stage:
     def scale(self, mb) -> float:
         return self.t.plan.loss_scale() * mb["weight"]
 
+    def mse_loss(self, per, mb):
+        """(the micro-batch's scaled loss, its metric sums) from per-sample losses."""
+        w = mb["weight"]
+        return per.sum() * self.scale(mb), {"loss": float(per.detach().sum()) * w, "n": len(per) * w}
+
+    def finish_mse_step(self, sums: dict[str, float], ema_decay: float | None) -> dict[str, float]:
+        """Optimizer step (and EMA) of the single-model stages; the step's mean loss and gradient norm."""
+        gnorm = self.engine.step()
+        if ema_decay is not None:
+            self.engine.update_ema(ema_decay)
+        return {"loss": self.t.global_mean(sums.get("loss", 0.0), sums.get("n", 0.0)), "grad_norm": gnorm}
+
     def engines(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -57,24 +69,20 @@ class Stage:
 
 
 # ------------------------------------------------------------------------------------------------------
-class FlowMatchingStage(Stage):
+# the methods' inputs and losses, shared by these stages and their pipeline-parallel versions
+# (methods/pipeline_stages.py); they need self.cfg, self.noise, self.uniform and the stage's engines
+# ------------------------------------------------------------------------------------------------------
+def _bcast(t):
+    return t.view(-1, 1, 1, 1, 1)
+
+
+def per_sample_mse(out, target):
+    return (out.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+class FlowMethod:
     """Flow-matching pretraining: x_t = (1 - t) x0 + t eps, target v = eps - x0, shifted timesteps, text
     dropout for classifier-free guidance."""
-
-    name = "flow"
-
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        model = trainer.load_or_build_backbone(self.cfg.model.init)
-        self.engine = trainer.make_engine(model, lr=self.cfg.optim.lr)
-        if self.cfg.apt.ema_decay > 0:
-            self.engine.init_ema()
-
-    def engines(self):
-        return {"model": self.engine}
-
-    def generator_module(self):
-        return self.engine.module
 
     def shift_for(self, x):
         if self.cfg.flow.shift is not None:
@@ -83,28 +91,17 @@ class FlowMatchingStage(Stage):
         tokens = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
         return max(1.0, math.sqrt(tokens / 256.0))  # SD3's resolution-dependent shift
 
-    def train_step(self, step, micro_batches):
-        tot = {"loss": 0.0, "n": 0.0}
-        for mb in micro_batches:
-            x0, text, mask = mb["x"], mb["text"], mb["text_mask"]
-            eps = self.noise(mb, step, "flow.eps")
-            t = shift_timestep(self.uniform(mb, step, "flow.t"), self.shift_for(x0)).to(x0.dtype)
-            drop = self.uniform(mb, step, "flow.drop") < self.cfg.flow.text_dropout
-            if drop.any():
-                nt, nm = _null_text(text, mask)
-                text = torch.where(drop[:, None, None], nt, text)
-                mask = torch.where(drop[:, None], nm, mask)
-            tb = t.view(-1, 1, 1, 1, 1)
-            xt = (1 - tb) * x0 + tb * eps
-            v = self.engine(xt, t, text, mask)
-            per = (v.float() - (eps - x0).float()).pow(2).flatten(1).mean(1)
-            self.engine.backward(per.sum() * self.scale(mb))
-            tot["loss"] += float(per.detach().sum()) * mb["weight"]
-            tot["n"] += len(per) * mb["weight"]
-        gnorm = self.engine.step()
-        if self.engine.ema is not None:
-            self.engine.update_ema(self.cfg.apt.ema_decay)
-        return {"loss": self.t.global_mean(tot["loss"], tot["n"]), "grad_norm": gnorm}
+    def flow_inputs(self, mb, step):
+        """(x_t, t, text, text_mask, target velocity) of a micro-batch."""
+        x0, text, mask = mb["x"], mb["text"], mb["text_mask"]
+        eps = self.noise(mb, step, "flow.eps")
+        t = shift_timestep(self.uniform(mb, step, "flow.t"), self.shift_for(x0)).to(x0.dtype)
+        drop = self.uniform(mb, step, "flow.drop") < self.cfg.flow.text_dropout
+        if drop.any():
+            nt, nm = _null_text(text, mask)
+            text = torch.where(drop[:, None, None], nt, text)
+            mask = torch.where(drop[:, None], nm, mask)
+        return (1 - _bcast(t)) * x0 + _bcast(t) * eps, t, text, mask, eps - x0
 
     def model_flops(self, x_shape, text_len):
         from megatron_apt.metrics.flops import flow_matching_step_flops, visual_tokens
@@ -113,66 +110,39 @@ class FlowMatchingStage(Stage):
         return float(flow_matching_step_flops(cfg, 1, visual_tokens(cfg, x_shape[1:]), text_len).model)
 
 
-# ------------------------------------------------------------------------------------------------------
-class ConsistencyStage(Stage):
-    """Discrete-time consistency distillation with MSE (§3.2): the frozen diffusion teacher takes one
-    Euler step with constant CFG (7.5) and a fixed negative prompt from t_n to t_{n-1}; the student's
-    consistency function f(x, t) = x - t v(x, t) at t_n is pulled to the EMA target's at t_{n-1}."""
+class ConsistencyMethod:
+    """Discrete-time consistency distillation with MSE (§3.2): the frozen diffusion teacher takes one Euler
+    step with constant CFG (7.5) and a fixed negative prompt from t_n to t_{n-1}; the student's consistency
+    function f(x, t) = x - t v(x, t) at t_n is pulled to the EMA target's at t_{n-1}."""
 
-    name = "cd"
-
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        if not self.cfg.model.init and not self.cfg.model.teacher:
-            raise ValueError("consistency distillation needs model.init (or model.teacher): the diffusion model")
-        teacher_dir = self.cfg.model.teacher or self.cfg.model.init
-        student = trainer.load_or_build_backbone(self.cfg.model.init or teacher_dir)
-        self.teacher = trainer.load_or_build_backbone(teacher_dir, parallel=True).requires_grad_(False).eval()
-        if self.cfg.precision == "bf16" and self.t.device.type == "cuda":
-            self.teacher = self.teacher.to(torch.bfloat16)
-        self.engine = trainer.make_engine(student, lr=self.cfg.optim.lr)
-        self.engine.init_ema()  # the target network
-        n = self.cfg.cd.num_steps
-        grid = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
+    def init_grid(self):
+        grid = torch.linspace(0.0, 1.0, self.cfg.cd.num_steps + 1, dtype=torch.float64)
         self.grid = shift_timestep(grid, self.cfg.cd.shift).float()
 
-    def engines(self):
-        return {"model": self.engine}
+    def cd_point(self, mb, step):
+        """(x at t_n, t_n, t_{n-1}) of a micro-batch, n drawn per sample in 1..N."""
+        x0, n_steps = mb["x"], self.cfg.cd.num_steps
+        eps = self.noise(mb, step, "cd.eps")
+        idx = (self.uniform(mb, step, "cd.n") * n_steps).long().clamp(0, n_steps - 1) + 1
+        tn = self.grid.to(x0.device)[idx].to(x0.dtype)
+        tp = self.grid.to(x0.device)[idx - 1].to(x0.dtype)
+        return (1 - _bcast(tn)) * x0 + _bcast(tn) * eps, tn, tp
 
-    def generator_module(self):
-        return self.engine.module
+    @staticmethod
+    def teacher_inputs(x, t, text, mask):
+        """The conditional and the unconditional (null text: the fixed negative prompt) pass as one batch."""
+        nt, nm = _null_text(text, mask)
+        return torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, nt]), torch.cat([mask, nm])
 
-    @torch.no_grad()
-    def teacher_velocity(self, x, t, text, mask):
-        dt = next(self.teacher.parameters()).dtype
-        nt, nm = _null_text(text, mask)  # the fixed negative prompt (its encoding: the null text)
-        v = self.teacher(torch.cat([x, x]).to(dt), torch.cat([t, t]).to(dt), torch.cat([text, nt]).to(dt),
-                         torch.cat([mask, nm]))
-        vc, vu = v.float().chunk(2)
-        return vu + self.cfg.cd.cfg_scale * (vc - vu)
+    def teacher_step(self, xt, tn, tp, v2):
+        """The Euler step t_n -> t_{n-1} with the CFG velocity of the doubled teacher output v2."""
+        vc, vu = v2.float().chunk(2)
+        v = vu + self.cfg.cd.cfg_scale * (vc - vu)
+        return (xt.float() + _bcast(tp - tn).float() * v).to(xt.dtype)
 
-    def train_step(self, step, micro_batches):
-        tot = {"loss": 0.0, "n": 0.0}
-        n_steps = self.cfg.cd.num_steps
-        for mb in micro_batches:
-            x0, text, mask = mb["x"], mb["text"], mb["text_mask"]
-            eps = self.noise(mb, step, "cd.eps")
-            idx = (self.uniform(mb, step, "cd.n") * n_steps).long().clamp(0, n_steps - 1) + 1  # n in 1..N
-            tn = self.grid.to(x0.device)[idx].to(x0.dtype)
-            tp = self.grid.to(x0.device)[idx - 1].to(x0.dtype)
-            xt = (1 - tn.view(-1, 1, 1, 1, 1)) * x0 + tn.view(-1, 1, 1, 1, 1) * eps
-            v_t = self.teacher_velocity(xt, tn, text, mask)
-            xp = (xt.float() + (tp - tn).view(-1, 1, 1, 1, 1).float() * v_t).to(x0.dtype)
-            with torch.no_grad(), self.engine.ema_weights():
-                target = xp.float() - tp.view(-1, 1, 1, 1, 1).float() * self.engine(xp, tp, text, mask).float()
-            pred = xt.float() - tn.view(-1, 1, 1, 1, 1).float() * self.engine(xt, tn, text, mask).float()
-            per = (pred - target).pow(2).flatten(1).mean(1)
-            self.engine.backward(per.sum() * self.scale(mb))
-            tot["loss"] += float(per.detach().sum()) * mb["weight"]
-            tot["n"] += len(per) * mb["weight"]
-        gnorm = self.engine.step()
-        self.engine.update_ema(self.cfg.cd.ema_decay)
-        return {"loss": self.t.global_mean(tot["loss"], tot["n"]), "grad_norm": gnorm}
+    @staticmethod
+    def consistency_fn(x, t, v):
+        return x.float() - _bcast(t).float() * v.float()
 
     def model_flops(self, x_shape, text_len):
         from megatron_apt.metrics.flops import consistency_step_flops, visual_tokens
@@ -181,84 +151,51 @@ class ConsistencyStage(Stage):
         return float(consistency_step_flops(cfg, 1, visual_tokens(cfg, x_shape[1:]), text_len).model)
 
 
-# ------------------------------------------------------------------------------------------------------
-class APTStage(Stage):
-    """Adversarial post-training (§3.3-3.5): alternating D and G updates, aR1 on every D step, EMA of G."""
+class APTMethod:
+    """Adversarial post-training (§3.3-3.5): per-sample draws, D's metric sums and their summary."""
 
-    name = "apt"
+    D_SUM_KEYS = ("d_adv", "ar1")  # summed over samples by the loss (reduction 'sum')
+    D_MEAN_KEYS = ("logit_real", "logit_fake", "d_acc")  # per micro-batch means, weighted by its samples
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        from megatron_apt.models.discriminator import Discriminator, OneStepGenerator
-
+    def init_apt(self):
         c = self.cfg
         if not c.model.init or not c.model.teacher:
             raise ValueError("APT needs model.init (the consistency-distilled G-hat, or the image stage's EMA "
                              "generator) and model.teacher (the diffusion weights for the discriminator)")
         self.apt = APTConfig(r1_lambda=c.apt.r1_lambda, r1_sigma=c.apt.r1_sigma, timestep_shift=c.apt.timestep_shift,
                              use_r1=c.apt.use_r1)
-        G = OneStepGenerator(trainer.load_or_build_backbone(c.model.init, parallel=False))
-        D = Discriminator(trainer.load_or_build_backbone(c.model.teacher, parallel=False),
-                          DiscriminatorConfig(head_layers=tuple(c.model.head_layers) if c.model.head_layers else None))
-        D.init_heads(generator=torch.Generator().manual_seed(c.seed + 17))
-        trainer.parallelize(G)
-        trainer.parallelize(D, extra_blocks=list(D.heads))
-        self.G = trainer.make_engine(G, lr=c.optim.lr)
-        self.D = trainer.make_engine(D, lr=c.optim.d_lr or c.optim.lr)
-        self.G.init_ema()
-        self.low_d_steps = 0
+        self.dcfg = DiscriminatorConfig(head_layers=tuple(c.model.head_layers) if c.model.head_layers else None)
+        self.head_seed = c.seed + 17
 
-    def engines(self):
-        return {"G": self.G, "D": self.D}
+    def d_draws(self, mb, step, k):
+        """(z, eps, t_real, t_fake) of the k-th discriminator update."""
+        x, tag = mb["x"], f"apt.d{k}"
+        z = self.noise(mb, step, tag + ".z")
+        eps = self.noise(mb, step, tag + ".eps")
+        t_real = shift_timestep(self.uniform(mb, step, tag + ".tr"), self.apt.timestep_shift).to(x.dtype)
+        t_fake = shift_timestep(self.uniform(mb, step, tag + ".tf"), self.apt.timestep_shift).to(x.dtype)
+        return z, eps, t_real, t_fake
 
-    def generator_module(self):
-        return self.G.module.backbone
+    def g_draws(self, mb, step):
+        z = self.noise(mb, step, "apt.g.z")
+        t = shift_timestep(self.uniform(mb, step, "apt.g.t"), self.apt.timestep_shift).to(mb["x"].dtype)
+        return z, t
 
-    def _d_update(self, step, micro_batches, k):
-        acc: dict[str, float] = {}
-        n = 0.0
-        for mb in micro_batches:
-            x, text, mask = mb["x"], mb["text"], mb["text_mask"]
-            tag = f"apt.d{k}"
-            z = self.noise(mb, step, tag + ".z")
-            eps = self.noise(mb, step, tag + ".eps")
-            t_real = shift_timestep(self.uniform(mb, step, tag + ".tr"), self.apt.timestep_shift).to(x.dtype)
-            t_fake = shift_timestep(self.uniform(mb, step, tag + ".tf"), self.apt.timestep_shift).to(x.dtype)
-            loss, m = discriminator_loss(self.D, self.G.raw, x, text, mask, cfg=self.apt, z=z, t_real=t_real,
-                                         t_fake=t_fake, eps=eps, reduction="sum")
-            self.D.backward(loss * self.scale(mb))
-            w = mb["weight"] * x.shape[0]
-            for key in ("d_adv", "ar1"):
-                acc[key] = acc.get(key, 0.0) + float(m[key]) * mb["weight"]  # sums over samples
-            for key in ("logit_real", "logit_fake", "d_acc"):
-                acc[key] = acc.get(key, 0.0) + float(m[key]) * w
-            n += w
-        gnorm = self.D.step()
-        out = {k: self.t.global_mean(v, n) for k, v in acc.items()}
+    def d_metric_sums(self, m, mb) -> dict[str, float]:
+        """One micro-batch's contribution to the discriminator metrics (m: discriminator_loss_from_logits's)."""
+        w = mb["weight"] * mb["x"].shape[0]
+        out = {k: float(m[k]) * mb["weight"] for k in self.D_SUM_KEYS}
+        out.update({k: float(m[k]) * w for k in self.D_MEAN_KEYS})
+        out["n"] = w
+        return out
+
+    def d_summary(self, sums: dict[str, float], gnorm: float) -> dict[str, float]:
+        out = {k: self.t.global_mean(sums.get(k, 0.0), sums.get("n", 0.0))
+               for k in self.D_SUM_KEYS + self.D_MEAN_KEYS}
         out["d_loss"] = out["d_adv"] + (self.apt.r1_lambda * out["ar1"] if self.apt.use_r1 else 0.0)
         out["logit_gap"] = out["logit_real"] - out["logit_fake"]
         out["d_grad_norm"] = gnorm
         return out
-
-    def _g_update(self, step, micro_batches):
-        D = self.D.module
-        D.requires_grad_(False)
-        tot, n = 0.0, 0.0
-        try:
-            for mb in micro_batches:
-                x, text, mask = mb["x"], mb["text"], mb["text_mask"]
-                z = self.noise(mb, step, "apt.g.z")
-                t = shift_timestep(self.uniform(mb, step, "apt.g.t"), self.apt.timestep_shift).to(x.dtype)
-                loss, m, fake = generator_loss(self.D.raw, self.G, text, mask, shape=x.shape, cfg=self.apt, z=z, t=t,
-                                               reduction="sum")
-                self.G.backward(loss * self.scale(mb))
-                tot += float(loss.detach()) * mb["weight"]
-                n += x.shape[0] * mb["weight"]
-        finally:
-            D.requires_grad_(True)
-        gnorm = self.G.step()
-        self.G.update_ema(self.cfg.apt.ema_decay)
-        return {"g_loss": self.t.global_mean(tot, n), "g_grad_norm": gnorm}
 
     def train_step(self, step, micro_batches):
         out: dict[str, float] = {}
@@ -275,6 +212,139 @@ class APTStage(Stage):
         dcfg = DiscriminatorConfig(head_layers=tuple(self.D.module.head_layers))
         return float(apt_step_flops(cfg, 1, visual_tokens(cfg, x_shape[1:]), text_len, dcfg,
                                     use_r1=self.apt.use_r1).model)
+
+
+def sum_dicts(dicts) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+class FlowMatchingStage(FlowMethod, Stage):
+    name = "flow"
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        model = trainer.load_or_build_backbone(self.cfg.model.init)
+        self.engine = trainer.make_engine(model, lr=self.cfg.optim.lr)
+        if self.cfg.apt.ema_decay > 0:
+            self.engine.init_ema()
+
+    def engines(self):
+        return {"model": self.engine}
+
+    def generator_module(self):
+        return self.engine.module
+
+    def train_step(self, step, micro_batches):
+        sums = []
+        for mb in micro_batches:
+            xt, t, text, mask, target = self.flow_inputs(mb, step)
+            loss, m = self.mse_loss(per_sample_mse(self.engine(xt, t, text, mask), target), mb)
+            self.engine.backward(loss)
+            sums.append(m)
+        return self.finish_mse_step(sum_dicts(sums), self.cfg.apt.ema_decay if self.engine.ema is not None else None)
+
+
+# ------------------------------------------------------------------------------------------------------
+class ConsistencyStage(ConsistencyMethod, Stage):
+    name = "cd"
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        if not self.cfg.model.init and not self.cfg.model.teacher:
+            raise ValueError("consistency distillation needs model.init (or model.teacher): the diffusion model")
+        teacher_dir = self.cfg.model.teacher or self.cfg.model.init
+        student = trainer.load_or_build_backbone(self.cfg.model.init or teacher_dir)
+        self.teacher = trainer.load_or_build_backbone(teacher_dir, parallel=True).requires_grad_(False).eval()
+        if self.cfg.precision == "bf16" and self.t.device.type == "cuda":
+            self.teacher = self.teacher.to(torch.bfloat16)
+        self.engine = trainer.make_engine(student, lr=self.cfg.optim.lr)
+        self.engine.init_ema()  # the target network
+        self.init_grid()
+
+    def engines(self):
+        return {"model": self.engine}
+
+    def generator_module(self):
+        return self.engine.module
+
+    def train_step(self, step, micro_batches):
+        sums = []
+        dt = next(self.teacher.parameters()).dtype
+        for mb in micro_batches:
+            text, mask = mb["text"], mb["text_mask"]
+            xt, tn, tp = self.cd_point(mb, step)
+            with torch.no_grad():
+                x2, t2, text2, mask2 = self.teacher_inputs(xt, tn, text, mask)
+                xp = self.teacher_step(xt, tn, tp, self.teacher(x2.to(dt), t2.to(dt), text2.to(dt), mask2))
+                with self.engine.ema_weights():
+                    target = self.consistency_fn(xp, tp, self.engine(xp, tp, text, mask))
+            loss, m = self.mse_loss(per_sample_mse(self.consistency_fn(xt, tn, self.engine(xt, tn, text, mask)), target),
+                                    mb)
+            self.engine.backward(loss)
+            sums.append(m)
+        return self.finish_mse_step(sum_dicts(sums), self.cfg.cd.ema_decay)
+
+
+# ------------------------------------------------------------------------------------------------------
+class APTStage(APTMethod, Stage):
+    """Alternating D and G updates, aR1 on every D step, EMA of G."""
+
+    name = "apt"
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        from megatron_apt.models.discriminator import Discriminator, OneStepGenerator
+
+        self.init_apt()
+        c = self.cfg
+        G = OneStepGenerator(trainer.load_or_build_backbone(c.model.init, parallel=False))
+        D = Discriminator(trainer.load_or_build_backbone(c.model.teacher, parallel=False), self.dcfg)
+        D.init_heads(generator=torch.Generator().manual_seed(self.head_seed))
+        trainer.parallelize(G)
+        trainer.parallelize(D, extra_blocks=list(D.heads))
+        self.G = trainer.make_engine(G, lr=c.optim.lr)
+        self.D = trainer.make_engine(D, lr=c.optim.d_lr or c.optim.lr)
+        self.G.init_ema()
+
+    def engines(self):
+        return {"G": self.G, "D": self.D}
+
+    def generator_module(self):
+        return self.G.module.backbone
+
+    def _d_update(self, step, micro_batches, k):
+        sums = []
+        for mb in micro_batches:
+            z, eps, t_real, t_fake = self.d_draws(mb, step, k)
+            loss, m = discriminator_loss(self.D, self.G.raw, mb["x"], mb["text"], mb["text_mask"], cfg=self.apt, z=z,
+                                         t_real=t_real, t_fake=t_fake, eps=eps, reduction="sum")
+            self.D.backward(loss * self.scale(mb))
+            sums.append(self.d_metric_sums(m, mb))
+        return self.d_summary(sum_dicts(sums), self.D.step())
+
+    def _g_update(self, step, micro_batches):
+        D = self.D.module
+        D.requires_grad_(False)
+        tot, n = 0.0, 0.0
+        try:
+            for mb in micro_batches:
+                x, text, mask = mb["x"], mb["text"], mb["text_mask"]
+                z, t = self.g_draws(mb, step)
+                loss, m, fake = generator_loss(self.D.raw, self.G, text, mask, shape=x.shape, cfg=self.apt, z=z, t=t,
+                                               reduction="sum")
+                self.G.backward(loss * self.scale(mb))
+                tot += float(loss.detach()) * mb["weight"]
+                n += x.shape[0] * mb["weight"]
+        finally:
+            D.requires_grad_(True)
+        gnorm = self.G.step()
+        self.G.update_ema(self.cfg.apt.ema_decay)
+        return {"g_loss": self.t.global_mean(tot, n), "g_grad_norm": gnorm}
 
 
 STAGE_CLASSES = {"flow": FlowMatchingStage, "cd": ConsistencyStage, "apt_image": APTStage, "apt_video": APTStage}

@@ -177,7 +177,6 @@ class PipelineStage(nn.Module):
             cos, sin = bb.position_tables(grid, x.device)
         key_mask = joint_key_mask(text_mask, grid)
         temb_act = F.silu(temb)
-        head_tokens = [ht for ht in head_tokens]
         for i in self.block_ids:
             h, c = bb.blocks[str(i)](h, c, temb_act, x_shared, c_shared, cos, sin, key_mask)
             if self.kind == "discriminator" and (i + 1) in self.head_layers:
@@ -398,8 +397,9 @@ class PipelineRunner:
     def run(self, stage: PipelineStage, items: list[PipeItem], loss_fn: Callable | None, *,
             forward_only: bool = False, input_hook: Callable | None = None) -> list:
         """One pass over `items`. loss_fn(output, item) -> (loss tensor, metrics dict) is called on the last
-        stage (its loss is what backward differentiates). With forward_only the last stage returns its
-        outputs per micro-batch; otherwise the list of metrics dicts (empty elsewhere).
+        stage (its loss is what backward differentiates); the last stage returns the metrics dicts. A
+        forward-only pass takes loss_fn=None and the last stage returns its outputs per micro-batch (other
+        stages return an empty list).
         `input_hook(item)` may replace the first stage's input x (e.g. a leaf that collects a gradient)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -416,12 +416,10 @@ class PipelineRunner:
                 out = model.stage(x, item.t, item.text, item.text_mask, item.pooled)
 
             def loss_func(output):
-                if forward_only and loss_fn is None:
+                if loss_fn is None:  # a forward-only pass: keep the outputs
                     outputs.append(output.detach())
                     return output.sum() * 0, {}
                 loss, metrics = loss_fn(output, item)
-                if forward_only:
-                    outputs.append(output.detach())
                 # megatron divides each micro-batch's loss by the number of micro-batches; our losses are
                 # already scaled for the exact global batch
                 return loss * n, metrics

@@ -154,10 +154,14 @@ class TorchEngine:
                                             for n, p in self.module.named_parameters()]}
 
     # ---- checkpoint state (this rank's shard, tensors only) ----
+    def _local_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose state this rank saves (a sharded optimizer: this rank's shard)."""
+        return self.optimizer
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         # megatron-core layers add `_extra_state` entries (None) to state_dict: tensors only
         out = {f"param.{n}": p.detach().contiguous() for n, p in self.module.state_dict().items() if torch.is_tensor(p)}
-        opt = self.optimizer.state_dict()
+        opt = self._local_optimizer().state_dict()
         for i, st in opt["state"].items():
             for k, v in st.items():
                 out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
@@ -169,14 +173,15 @@ class TorchEngine:
     def load_state_tensors(self, st: dict[str, torch.Tensor]) -> None:
         sd = {k[len("param."):]: v for k, v in st.items() if k.startswith("param.")}
         self.module.load_state_dict(sd)
-        opt = self.optimizer.state_dict()
+        local = self._local_optimizer()
+        opt = local.state_dict()
         state: dict[int, dict] = {}
         for k, v in st.items():
             if k.startswith("opt."):
                 _, i, key = k.split(".", 2)
                 state.setdefault(int(i), {})[key] = v
         opt["state"] = state
-        self.optimizer.load_state_dict(opt)
+        local.load_state_dict(opt)
         if any(k.startswith("ema.") for k in st):
             self.ema = [st[f"ema.{i}"].clone() for i in range(len(list(self.module.parameters())))]
 
@@ -378,19 +383,19 @@ class PipelineEngine(TorchEngine):
     raw = __call__
 
     def _local_optimizer(self):
+        # ZeRO-1: this rank's shard. Its partition is a deterministic function of the parameter list, so a
+        # resume with the same layout gives every rank the same parameters again.
         return self.optimizer.optim if self.zero1 else self.optimizer
 
     def step(self) -> float:
         params = self.params()
         comm.average_gradients(params, self.dp)
         tp_rank = self.ps.get_tensor_model_parallel_rank()
-        sq = torch.zeros((), dtype=torch.float64)
-        for p in params:
-            if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False)):
-                sq += p.grad.detach().double().pow(2).sum().cpu()
-        if dist.get_world_size(self.mp) > 1:
-            dev = params[0].device if params and params[0].device.type == "cuda" else torch.device("cpu")
-            sq = sq.to(dev)
+        dev = params[0].device if params else torch.device("cpu")
+        parts = [p.grad.detach().double().pow(2).sum() for p in params
+                 if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+        sq = torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=dev)
+        if dist.get_world_size(self.mp) > 1:  # one collective, on the parameters' device (NCCL: the GPU)
             dist.all_reduce(sq, group=self.mp)
         norm = float(sq) ** 0.5
         if self.grad_clip > 0 and norm > self.grad_clip:
@@ -408,33 +413,6 @@ class PipelineEngine(TorchEngine):
         lay.update(kind="pipeline", pp_rank=self.ps.get_pipeline_model_parallel_rank(),
                    pp=self.ps.get_pipeline_model_parallel_world_size())
         return lay
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"param.{n}": p.detach().contiguous() for n, p in self.module.state_dict().items() if torch.is_tensor(p)}
-        # this rank's optimizer shard (the partition is a deterministic function of the parameter list, so a
-        # resume with the same layout reassigns the same parameters)
-        for i, st in self._local_optimizer().state_dict()["state"].items():
-            for k, v in st.items():
-                out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        if self.ema is not None:
-            for i, e in enumerate(self.ema):
-                out[f"ema.{i}"] = e
-        return out
-
-    def load_state_tensors(self, st: dict[str, torch.Tensor]) -> None:
-        sd = {k[len("param."):]: v for k, v in st.items() if k.startswith("param.")}
-        self.module.load_state_dict(sd)
-        local = self._local_optimizer()
-        opt = local.state_dict()
-        state: dict[int, dict] = {}
-        for k, v in st.items():
-            if k.startswith("opt."):
-                _, i, key = k.split(".", 2)
-                state.setdefault(int(i), {})[key] = v
-        opt["state"] = state
-        local.load_state_dict(opt)
-        if any(k.startswith("ema.") for k in st):
-            self.ema = [st[f"ema.{i}"].clone() for i in range(len(list(self.module.parameters())))]
 
 
 def grad_norm(params) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_apt.testing import run_tool, tree_hash
+from megatron_apt.testing import run_tool, save_debug_models, tree_hash
 import torch
 from safetensors.torch import load_file
 
@@ -123,8 +123,7 @@ def runs(tmp_path_factory):
     from megatron_apt.models import build_mmdit, save_mmdit
 
     base = tmp_path_factory.mktemp("ckpt_tools")
-    save_mmdit(build_mmdit("debug", zero_init=False, seed=1), base / "diff")
-    save_mmdit(build_mmdit("debug", zero_init=False, seed=2), base / "cd", kind="consistency")
+    save_debug_models(base)
     save_mmdit(build_mmdit("debug", zero_init=False, seed=4, pos_embed="sincos2d", pos_embed_max_size=8,
                            pos_embed_base_size=4), base / "sincos_init")
     make_apt_init(base / "diff", base / "cd", base / "init")  # the trainer's default seed: its heads

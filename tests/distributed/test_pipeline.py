@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_apt.testing import run_distributed, run_tool
+from megatron_apt.testing import run_distributed, run_tool, save_debug_models, train_worker
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -122,20 +122,12 @@ def test_stages_match_whole_model(name, kind, layers, video):
 # ------------------------------------------------------------------------------------------------------
 # training under PP vs one rank
 # ------------------------------------------------------------------------------------------------------
-def _train(rank, world, overrides):
-    from megatron_apt.config.train import load_config
-    from megatron_apt.trainer.trainer import Trainer
-
-    hist = Trainer(load_config(None, overrides)).train()
-    return [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in hist]
-
-
 def _all_stages(rank, world, base, run, layout, steps):
     out = {}
     for stage, extra in [("apt_image", [f"model.init={base}/cd", f"model.teacher={base}/diff"]),
                          ("cd", [f"model.init={base}/diff", "cd.num_steps=4"]),
                          ("flow", [f"model.init={base}/diff"])]:
-        out[stage] = _train(rank, world, COMMON + layout + extra + [f"stage={stage}", f"run_dir={run}/{stage}",
+        out[stage] = train_worker(rank, world, COMMON + layout + extra + [f"stage={stage}", f"run_dir={run}/{stage}",
                                                                      f"steps={steps}", "save_every=2"])
     return out
 
@@ -143,11 +135,8 @@ def _all_stages(rank, world, base, run, layout, steps):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Model dirs, and the single-rank reference (plain torch engine) of each stage."""
-    from megatron_apt.models import build_mmdit, save_mmdit
-
     base = tmp_path_factory.mktemp("pp")
-    save_mmdit(build_mmdit("debug", zero_init=False, seed=1), base / "diff")
-    save_mmdit(build_mmdit("debug", zero_init=False, seed=2), base / "cd", kind="consistency")
+    save_debug_models(base)
     ref = run_distributed(_all_stages, 1, str(base), str(base / "ref"), REF, 3, timeout=600)[0]
     return base, ref
 
@@ -188,7 +177,7 @@ def test_pp2_training_matches_one_rank(runs):
 
 
 def _apt_only(rank, world, base, run, layout):
-    return _train(rank, world, COMMON + [f"model.init={base}/cd", f"model.teacher={base}/diff", "stage=apt_image",
+    return train_worker(rank, world, COMMON + [f"model.init={base}/cd", f"model.teacher={base}/diff", "stage=apt_image",
                                          f"run_dir={run}", "steps=3", "save_every=2"] + layout)
 
 

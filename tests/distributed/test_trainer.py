@@ -8,20 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_apt.testing import run_distributed
+from megatron_apt.testing import run_distributed, save_debug_models, train_worker
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 COMMON = ["data.synthetic=true", "data.synthetic_shape=[4,1,8,8]", "data.synthetic_size=32", "precision=fp32",
           "parallel.zero_persistence_threshold=0", "log_every=1"]
-
-
-def _train(rank, world, overrides):
-    from megatron_apt.config.train import load_config
-    from megatron_apt.trainer.trainer import Trainer
-
-    hist = Trainer(load_config(None, overrides)).train()
-    return [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in hist]
 
 
 def _stages(rank, world, base, run, layout):
@@ -30,7 +22,7 @@ def _stages(rank, world, base, run, layout):
                          ("apt_image", [f"model.init={base}/cd", f"model.teacher={base}/diff"]),
                          ("apt_video", [f"model.init={base}/cd", f"model.teacher={base}/diff", "apt.timestep_shift=12",
                                         "apt.r1_sigma=0.1", "optim.lr=3e-6", "data.synthetic_shape=[4,2,8,8]"])]:
-        hist = _train(rank, world, COMMON + layout + extra + [f"stage={stage}", f"run_dir={run}/{stage}", "steps=2",
+        hist = train_worker(rank, world, COMMON + layout + extra + [f"stage={stage}", f"run_dir={run}/{stage}", "steps=2",
                                                               "global_batch=4", "micro_batch=2"])
         out[stage] = hist
     return out
@@ -38,11 +30,8 @@ def _stages(rank, world, base, run, layout):
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from megatron_apt.models import build_mmdit, save_mmdit
-
     base = tmp_path_factory.mktemp("models")
-    save_mmdit(build_mmdit("debug", zero_init=False, seed=1), base / "diff")
-    save_mmdit(build_mmdit("debug", zero_init=False, seed=2), base / "cd", kind="consistency")
+    save_debug_models(base)
     return base
 
 
@@ -69,8 +58,8 @@ def test_exact_global_batch_with_ragged_micro_batches(model_dirs, tmp_path):
     in the gradient, so equal updates mean equal accumulated gradients."""
     common = COMMON + ["stage=flow", "steps=1", "global_batch=7", "optim.eps=1e6", "optim.lr=1e6",
                        "apt.ema_decay=0", "parallel.engine=deepspeed", f"model.init={model_dirs}/diff"]
-    run_distributed(_train, 1, common + [f"run_dir={tmp_path}/one", "micro_batch=7"])
-    run_distributed(_train, 2, common + [f"run_dir={tmp_path}/two", "micro_batch=2"])
+    run_distributed(train_worker, 1, common + [f"run_dir={tmp_path}/one", "micro_batch=7"])
+    run_distributed(train_worker, 2, common + [f"run_dir={tmp_path}/two", "micro_batch=2"])
     a = load_file(str(tmp_path / "one/export/model/model.safetensors"))
     b = load_file(str(tmp_path / "two/export/model/model.safetensors"))
     init = load_file(str(model_dirs / "diff" / "model.safetensors"))
@@ -85,11 +74,11 @@ def test_exact_global_batch_with_ragged_micro_batches(model_dirs, tmp_path):
 def test_resume_is_bit_identical(model_dirs, tmp_path):
     common = COMMON + ["stage=apt_image", f"model.init={model_dirs}/cd", f"model.teacher={model_dirs}/diff",
                        "global_batch=4", "micro_batch=2", "parallel.engine=deepspeed", "save_every=2"]
-    full = run_distributed(_train, 2, common + [f"run_dir={tmp_path}/full", "steps=4"], timeout=900)[0]
-    run_distributed(_train, 2, common + [f"run_dir={tmp_path}/cut", "steps=2"], timeout=900)
+    full = run_distributed(train_worker, 2, common + [f"run_dir={tmp_path}/full", "steps=4"], timeout=900)[0]
+    run_distributed(train_worker, 2, common + [f"run_dir={tmp_path}/cut", "steps=2"], timeout=900)
     # a checkpoint that a kill interrupted while it was written is never taken for a complete one
     (tmp_path / "cut/checkpoints/.step-00000003.partial").mkdir()
-    rest = run_distributed(_train, 2, common + [f"run_dir={tmp_path}/cut", "steps=4"], timeout=900)[0]
+    rest = run_distributed(train_worker, 2, common + [f"run_dir={tmp_path}/cut", "steps=4"], timeout=900)[0]
     assert [h["step"] for h in rest] == [3, 4]
     for h_full, h_rest in zip(full[2:], rest):
         for k in ("d_loss", "g_loss", "ar1", "logit_gap"):
@@ -101,7 +90,7 @@ def test_resume_is_bit_identical(model_dirs, tmp_path):
 
 
 def test_flow_matching_learns(tmp_path):
-    hist = run_distributed(_train, 1, COMMON + ["stage=flow", "steps=40", "global_batch=8", "micro_batch=8",
+    hist = run_distributed(train_worker, 1, COMMON + ["stage=flow", "steps=40", "global_batch=8", "micro_batch=8",
                                                 "optim.optimizer=adamw", "optim.lr=2e-3", "parallel.engine=torch",
                                                 "flow.text_dropout=0", f"run_dir={tmp_path}/fm"])[0]
     losses = [h["loss"] for h in hist]
@@ -112,12 +101,12 @@ def test_flow_matching_learns(tmp_path):
 def test_bad_inputs_are_reported(model_dirs, tmp_path):
 
     with pytest.raises(RuntimeError, match="does not exist or is incomplete"):
-        run_distributed(_train, 1, ["stage=flow", "data.path=/nonexistent/ds", f"run_dir={tmp_path}/x"])
+        run_distributed(train_worker, 1, ["stage=flow", "data.path=/nonexistent/ds", f"run_dir={tmp_path}/x"])
     with pytest.raises(RuntimeError, match="cannot be formed"):
-        run_distributed(_train, 2, COMMON + ["stage=flow", "global_batch=1", f"run_dir={tmp_path}/y"])
-    run_distributed(_train, 1, COMMON + ["stage=flow", "steps=1", "parallel.engine=torch", f"run_dir={tmp_path}/z"])
+        run_distributed(train_worker, 2, COMMON + ["stage=flow", "global_batch=1", f"run_dir={tmp_path}/y"])
+    run_distributed(train_worker, 1, COMMON + ["stage=flow", "steps=1", "parallel.engine=torch", f"run_dir={tmp_path}/z"])
     with pytest.raises(RuntimeError, match="another shape"):
-        run_distributed(_train, 1, COMMON + ["stage=flow", "steps=2", "parallel.engine=torch", f"run_dir={tmp_path}/z",
+        run_distributed(train_worker, 1, COMMON + ["stage=flow", "steps=2", "parallel.engine=torch", f"run_dir={tmp_path}/z",
                                              "model.overrides={num_layers: 3}"])
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_apt.testing import run_tool, tree_hash
+from megatron_apt.testing import run_tool, save_debug_models, tree_hash
 import torch
 from safetensors.torch import load_file
 
@@ -28,8 +28,7 @@ def dirs(tmp_path_factory):
     from megatron_apt.models import build_mmdit, save_mmdit
 
     base = tmp_path_factory.mktemp("convert")
-    save_mmdit(build_mmdit("debug", zero_init=False, seed=1), base / "diff")
-    save_mmdit(build_mmdit("debug", zero_init=False, seed=2), base / "cd", kind="consistency")
+    save_debug_models(base)
     save_mmdit(build_mmdit("debug", zero_init=False, seed=3, num_layers=3), base / "cd3", kind="consistency")
     return base
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_apt import planning as P
-from megatron_apt.testing import run_distributed
+from megatron_apt.testing import run_distributed, save_debug_models
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -152,10 +152,9 @@ def _measure(rank, world, base, run, layouts):
 
 @pytest.mark.distributed
 def test_zero3_memory_matches_deepspeed(tmp_path):
-    from megatron_apt.models import build_mmdit, save_mmdit
+    from megatron_apt.models import build_mmdit
 
-    save_mmdit(build_mmdit("debug", zero_init=False, seed=1), tmp_path / "diff")
-    save_mmdit(build_mmdit("debug", zero_init=False, seed=2), tmp_path / "cd", kind="consistency")
+    save_debug_models(tmp_path)
     layouts = [
         (dict(tp=1, persistence_threshold=0), ["parallel.zero_persistence_threshold=0"]),  # ZeRO over 2 ranks
         (dict(tp=2, persistence_threshold=100_000), ["parallel.tp=2"]),  # TP 2; every debug tensor persists

@@ -70,6 +70,8 @@ def test_pipeline_layout_is_validated():
         load_config(None, ["data.synthetic=true", "parallel.pp=2"])  # ZeRO-3 engines cannot be staged
     with pytest.raises(ValueError, match="sequence parallel"):
         load_config(None, ["data.synthetic=true", "parallel.engine=pipeline", "parallel.pp=2", "parallel.sp=2"])
+    with pytest.raises(ValueError, match="ZeRO-3 only"):
+        load_config(None, ["data.synthetic=true", "stage=apt_image", "parallel.zero_stage=2"])
     with pytest.raises(ValueError, match="one block count per"):
         load_config(None, ["data.synthetic=true", "parallel.engine=pipeline", "parallel.pp=2",
                            "parallel.pipeline_layers=[1,2,1]"])
