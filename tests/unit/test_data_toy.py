@@ -5,6 +5,7 @@ import json
 import av
 import numpy as np
 import pytest
+import torch
 
 from megatron_apt.data.toy import DIRECTIONS, ToyConfig, caption_for, make_toy_dataset, render_sample, _digits
 
@@ -68,3 +69,34 @@ def test_bad_config_is_refused(tmp_path):
         make_toy_dataset(tmp_path, num=1, max_digits=3)
     with pytest.raises(ValueError, match="min_digit"):
         make_toy_dataset(tmp_path, num=1, size=10)
+
+
+def test_indexed_toy_set_matches_the_renderer_and_reads_like_preprocessed_data(tmp_path):
+    from megatron_apt.data.dataset import LatentVideoDataset
+    from megatron_apt.data.toy import render_arrays, write_toy_indexed
+
+    cfg = ToyConfig(num=5, size=24, frames=4, fps=4, min_digit=8, max_digit=10, max_digits=1, seed=7)
+    write_toy_indexed(tmp_path / "v", cfg)
+    ds = LatentVideoDataset(tmp_path / "v")
+    frames, labels = render_arrays(cfg)
+    assert len(ds) == 5 and ds.text_kind == "ids"
+    for i in range(5):
+        s = ds[i]
+        assert s["caption"] == labels[i]["caption"]
+        assert bytes(int(t) - 1 for t in s["text"]).decode() == labels[i]["caption"]  # byte tokens
+        got = s["pixels"].add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+        assert np.array_equal(got, frames[i])
+    # the chunked, multi-process drawing does not depend on the worker count
+    big = ToyConfig(num=4100, size=24, frames=1, images=True, min_digit=8, max_digit=10, max_digits=1, seed=3)
+    a, la = render_arrays(big, workers=1)
+    b, lb = render_arrays(big, workers=2)
+    assert np.array_equal(a, b) and la == lb
+
+
+def test_indexed_toy_set_cli_needs_an_output(tmp_path):
+    from megatron_apt.data.toy import main
+
+    with pytest.raises(SystemExit):
+        main(["--num", "2"])
+    assert main(["--indexed", str(tmp_path / "i"), "--num", "3", "--images", "--size", "24"]) == 0
+    assert (tmp_path / "i.json").is_file()
