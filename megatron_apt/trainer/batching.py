@@ -72,11 +72,15 @@ def sample_seed(seed: int, step: int, purpose: str, position: int) -> int:
 
 
 def per_sample_randn(shape, seed: int, step: int, purpose: str, positions, device=None, dtype=torch.float32):
-    """One standard-normal tensor of `shape` per global sample position, stacked."""
+    """One standard-normal tensor of `shape` per global sample position, stacked. On a CUDA device each
+    sample's tensor is drawn there, from a CUDA generator with the same per-sample seed (the values differ
+    from the CPU's, but not with the layout); elsewhere on the CPU."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    gen_dev = dev if dev.type == "cuda" else torch.device("cpu")
     out = []
     for pos in positions:
-        g = torch.Generator().manual_seed(sample_seed(seed, step, purpose, pos))
-        out.append(torch.randn(shape, generator=g))
+        g = torch.Generator(device=gen_dev).manual_seed(sample_seed(seed, step, purpose, pos))
+        out.append(torch.randn(shape, generator=g, device=gen_dev))
     return torch.stack(out).to(device=device, dtype=dtype)
 
 

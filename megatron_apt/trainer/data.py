@@ -46,7 +46,11 @@ class TokenEmbedder:
 
 
 class IndexedData:
-    """Samples of an indexed dataset prefix as dict(x [C,T,H,W] float, text [L, D] float)."""
+    """Samples of an indexed dataset prefix as dict(x [C,T,H,W] float, text [L, D] float).
+
+    `preload(device)` reads every sample once into device memory (pixels stay uint8); `batch(indices)`
+    then gathers a micro-batch there, equal to `collate([get(i) for i in indices])`, without per-sample
+    reads and copies (what makes a toy model's large batches GPU-bound)."""
 
     def __init__(self, prefix: str, text_dim: int, max_text_len: int, latent_scale: float = 1.0, seed: int = 0):
         from megatron_apt.data.dataset import LatentVideoDataset
@@ -59,6 +63,7 @@ class IndexedData:
         self.embed = None
         self.text_dim = text_dim
         self.seed = seed
+        self.held = None
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -88,6 +93,67 @@ class IndexedData:
         return {"x": x, "text": text}
 
 
+    def preload(self, device) -> None:
+        """Hold every sample on `device`: media [N, C, T, H, W] per shape (uint8 for pixel data sets) and
+        text as padded token ids or features."""
+        shapes = [self.shape_key(i) for i in range(len(self))]
+        by_shape: dict = {}
+        for i, k in enumerate(shapes):
+            by_shape.setdefault(k, []).append(i)
+        where = np.zeros((len(self), 2), dtype=np.int64)  # (bucket, row)
+        media, texts, lengths = [], [], np.zeros(len(self), dtype=np.int64)
+        raw = []
+        for b, (key, idx) in enumerate(sorted(by_shape.items(), key=lambda kv: str(kv[0]))):
+            rows = []
+            for r, i in enumerate(idx):
+                ds, j = self._locate(i)
+                s = ds[j]
+                if "pixels" in s:  # back to the stored uint8: [-1, 1] floats are recomputed exactly in batch()
+                    rows.append(s["pixels"].add(1.0).mul(127.5).round().to(torch.uint8))
+                else:
+                    rows.append(s["latents"])
+                t = s["text"][: self.max_text_len]
+                raw.append((i, t))
+                lengths[i] = t.shape[0]
+                where[i] = (b, r)
+            media.append(torch.stack(rows).to(device))
+        L = int(lengths.max()) if len(lengths) else 1
+        first = raw[0][1]
+        text = torch.zeros((len(self), L, *first.shape[1:]), dtype=first.dtype)
+        for i, t in raw:
+            text[i, : t.shape[0]] = t
+        self.held = {"media": media, "where": torch.from_numpy(where), "text": text.to(device),
+                     "lengths": torch.from_numpy(lengths).to(device), "device": torch.device(device)}
+        if not torch.is_floating_point(text) and self.embed is None:
+            self.embed = TokenEmbedder(self.text_dim)
+        if self.embed is not None:
+            self.embed.table = self.embed.table.to(device)
+
+    def batch(self, indices: list[int]) -> dict:
+        """A collated micro-batch of preloaded samples (all of one shape), on the preload device."""
+        h = self.held
+        where = h["where"][indices]
+        b = int(where[0, 0])
+        if not bool((where[:, 0] == b).all()):
+            raise ValueError("a micro-batch mixes sample shapes")
+        rows = where[:, 1].to(h["device"])
+        m = h["media"][b].index_select(0, rows)
+        x = m.float().div_(127.5).sub_(1.0) if m.dtype == torch.uint8 else m.float()
+        x = x * self.latent_scale if self.latent_scale != 1.0 else x
+        idx = torch.as_tensor(indices, device=h["device"])
+        lengths = h["lengths"].index_select(0, idx)
+        L = max(int(lengths.max()), 1)
+        text = h["text"].index_select(0, idx)[:, :L]
+        mask = torch.arange(L, device=h["device"])[None, :] < lengths[:, None]
+        if not torch.is_floating_point(text):
+            text = self.embed(text)
+        text = text.float() * mask[..., None]
+        if text.shape[-1] != self.text_dim:
+            raise ValueError(f"dataset text features have width {text.shape[-1]} but the model's text_dim is "
+                             f"{self.text_dim}")
+        return {"x": x, "text": text, "text_mask": mask}
+
+
 class StepSampler:
     """Global batch of step s = the next N indices of a seeded permutation per epoch. All samples of one
     global batch share one shape (the bucket of its first sample), so every micro-batch has one shape."""
@@ -99,12 +165,18 @@ class StepSampler:
             raise ValueError("the dataset is empty")
         keys = [data.shape_key(i) for i in range(self.size)] if hasattr(data, "shape_key") else [None] * self.size
         self.buckets: dict = {}
+        self._perms: dict = {}
         for i, k in enumerate(keys):
             self.buckets.setdefault(k, []).append(i)
 
     def _perm(self, epoch: int, bucket: list[int]) -> list[int]:
-        rng = np.random.default_rng(sample_seed(self.seed, epoch, "perm", len(bucket)))
-        return [bucket[j] for j in rng.permutation(len(bucket))]
+        key = (epoch, len(bucket), bucket[0])
+        if key not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            rng = np.random.default_rng(sample_seed(self.seed, epoch, "perm", len(bucket)))
+            self._perms[key] = [bucket[j] for j in rng.permutation(len(bucket))]
+        return self._perms[key]
 
     def indices(self, step: int) -> list[int]:
         keys = sorted(self.buckets, key=str)
