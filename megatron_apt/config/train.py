@@ -51,6 +51,9 @@ class DataSection:
     """Multiplies stored latents/pixels on load (pixels in [-1, 1] usually need none)."""
     max_text_len: int = 64
     """Text tokens kept per sample."""
+    preload: bool = False
+    """Hold the whole data set in device memory and gather micro-batches there (small data sets such as
+    the toy task: large batches of a small model are then limited by the GPU, not by per-sample reads)."""
 
 
 @dataclass
@@ -99,6 +102,11 @@ class OptimSection:
     """Gradient clipping norm; 0 = none (the paper uses none; DeepSpeed's default of 1.0 is overridden)."""
     warmup_steps: int = 0
     """Linear warmup steps."""
+    schedule: str = "constant"
+    """Learning rate after the warmup: 'constant' (the paper's APT stages) or 'cosine' (decays to min_lr at
+    the last step; pretraining the toy diffusion model)."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine schedule."""
 
 
 @dataclass
@@ -129,6 +137,10 @@ class FlowSection:
     """Timestep shift for flow-matching training; None = resolution dependent sqrt(tokens / 256) (SD3)."""
     text_dropout: float = 0.1
     """Probability of dropping the caption (for classifier-free guidance)."""
+    ema_warmup: bool = True
+    """Ramp the EMA decay as min(decay, (1 + n) / (10 + n)) at update n. Without it, after 2,700 updates at
+    0.999 the EMA still holds 7% of the random initial weights (measured on the toy model: its x0 error at
+    t = 1 was 0.143 against 0.084 with that share removed)."""
 
 
 @dataclass
@@ -204,6 +216,8 @@ class TrainConfig:
                              f"pipeline stage (pp={self.parallel.pp})")
         if not self.data.synthetic and not self.data.path:
             raise ValueError("data.path is required (or set data.synthetic=true)")
+        if self.optim.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
         if self.optim.optimizer not in ("rmsprop", "adamw"):
             raise ValueError(f"optim.optimizer must be rmsprop or adamw, got {self.optim.optimizer!r}")
 

@@ -246,7 +246,12 @@ class FlowMatchingStage(FlowMethod, Stage):
             loss, m = self.mse_loss(per_sample_mse(self.engine(xt, t, text, mask), target), mb)
             self.engine.backward(loss)
             sums.append(m)
-        return self.finish_mse_step(sum_dicts(sums), self.cfg.apt.ema_decay if self.engine.ema is not None else None)
+        decay = None
+        if self.engine.ema is not None:
+            decay = self.cfg.apt.ema_decay
+            if self.cfg.flow.ema_warmup:  # from scratch: let the random initialisation leave the average
+                decay = min(decay, (1.0 + step) / (10.0 + step))
+        return self.finish_mse_step(sum_dicts(sums), decay)
 
 
 # ------------------------------------------------------------------------------------------------------

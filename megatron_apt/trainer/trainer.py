@@ -87,7 +87,12 @@ class Trainer:
             if not is_complete(prefix.strip()):
                 raise FileNotFoundError(f"dataset {prefix} does not exist or is incomplete (no manifest "
                                         f"{prefix}.json): run tools/preprocess_video.py first")
-        return IndexedData(c.data.path, text_dim, c.data.max_text_len, c.data.latent_scale, c.seed)
+        data = IndexedData(c.data.path, text_dim, c.data.max_text_len, c.data.latent_scale, c.seed)
+        if c.data.preload:
+            t0 = time.perf_counter()
+            data.preload(self.device)
+            log.info("held %d samples on %s (%.1f s)", len(data), self.device, time.perf_counter() - t0)
+        return data
 
     def load_or_build_backbone(self, path: str | None, parallel: bool = True):
         from megatron_apt.models import build_mmdit, load_mmdit
@@ -138,8 +143,10 @@ class Trainer:
             weight = 1.0
             if a == b:  # this rank has no sample left: a weight-0 step keeps ZeRO-3 collectives aligned
                 a, b, weight = self.plan.rank_slice(self.dp_rank)[0], self.plan.rank_slice(self.dp_rank)[0] + 1, 0.0
-            samples = [self.data.get(idx[p]) for p in range(a, b)]
-            mb = collate(samples, self.device)
+            if getattr(self.data, "held", None) is not None:
+                mb = self.data.batch([idx[p] for p in range(a, b)])
+            else:
+                mb = collate([self.data.get(idx[p]) for p in range(a, b)], self.device)
             if self.cfg.precision == "bf16" and self.cfg.parallel.engine == "deepspeed":
                 mb["x"], mb["text"] = mb["x"].to(torch.bfloat16), mb["text"].to(torch.bfloat16)
             mb["positions"] = list(range(a, b))
@@ -294,10 +301,9 @@ class Trainer:
             t0 = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            if c.optim.warmup_steps > 0:  # linear warmup
-                f = min(1.0, (self.step + 1) / c.optim.warmup_steps)
+            if c.optim.warmup_steps > 0 or c.optim.schedule != "constant":
                 for eng in self.stage.engines().values():
-                    eng.set_lr(eng.base_lr * f)
+                    eng.set_lr(self.lr_at(eng.base_lr))
             mbs = self.micro_batches(self.step)
             x_shape = tuple(mbs[0]["x"].shape[1:])
             text_len = mbs[0]["text"].shape[1]
@@ -326,6 +332,17 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.finish()
         return self.history
+
+    def lr_at(self, base: float) -> float:
+        """The learning rate of update `self.step + 1`: linear warmup, then constant or cosine to min_lr."""
+        o, n = self.cfg.optim, self.step + 1
+        if o.warmup_steps > 0 and n <= o.warmup_steps:
+            return base * n / o.warmup_steps
+        if o.schedule == "cosine":
+            span = max(1, self.cfg.steps - o.warmup_steps)
+            frac = min(1.0, max(0.0, (n - o.warmup_steps) / span))
+            return o.min_lr + (base - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return base
 
     def _health(self, rec: dict[str, Any]) -> None:
         if not rec["finite"]:
@@ -381,16 +398,28 @@ class Trainer:
         else:
             m = engines["model"]
             kind = "diffusion" if self.cfg.stage == "flow" else "consistency"
+            extra = {"training": self.training_record()}
             sd = self._full_state(m, False)
             if _rank() == 0:
-                save_state_dir(sd, m.module.config, out / "model", kind=kind, overwrite=True)
+                save_state_dir(sd, m.module.config, out / "model", kind=kind, overwrite=True, extra=extra)
             if m.ema is not None:
                 sd = self._full_state(m, True)
                 if _rank() == 0:
-                    save_state_dir(sd, m.module.config, out / "model_ema", kind=kind, overwrite=True)
+                    save_state_dir(sd, m.module.config, out / "model_ema", kind=kind, overwrite=True, extra=extra)
         _barrier()
         if _rank() == 0:
             log.info("exported consolidated models to %s", out)
+
+    def training_record(self) -> dict[str, Any]:
+        """What a sampler needs to know of how the exported model was trained (recorded in its config.json):
+        the flow-matching timestep shift (None = resolution dependent, SD3's sqrt(tokens / 256))."""
+        c = self.cfg
+        rec: dict[str, Any] = {"stage": c.stage, "steps": self.step}
+        if c.stage == "flow":
+            rec["shift"] = c.flow.shift
+        elif c.stage == "cd":
+            rec["shift"] = c.cd.shift
+        return rec
 
     def _export_from_checkpoint(self, out: Path) -> None:
         """Pipeline stages hold disjoint parameters: rank 0 consolidates the final checkpoint offline (the

@@ -76,3 +76,43 @@ def test_pipeline_layout_is_validated():
         load_config(None, ["data.synthetic=true", "parallel.engine=pipeline", "parallel.pp=2",
                            "parallel.pipeline_layers=[1,2,1]"])
 
+
+
+def test_preloaded_batches_equal_per_sample_collation(tmp_path):
+    import torch
+
+    from megatron_apt.data.toy import ToyConfig, write_toy_indexed
+    from megatron_apt.trainer.data import IndexedData, collate
+
+    write_toy_indexed(tmp_path / "v", ToyConfig(num=6, size=24, frames=2, min_digit=8, max_digit=10, max_digits=1))
+    write_toy_indexed(tmp_path / "i", ToyConfig(num=5, size=24, images=True, min_digit=8, max_digit=10, max_digits=1))
+    prefix = f"{tmp_path / 'v'},{tmp_path / 'i'}"
+    plain = IndexedData(prefix, 16, 12)
+    held = IndexedData(prefix, 16, 12)
+    held.preload("cpu")
+    for idx in ([0, 3, 5], [6, 10, 7], [2]):
+        a, b = collate([plain.get(i) for i in idx], "cpu"), held.batch(idx)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    with pytest.raises(ValueError, match="mixes"):
+        held.batch([0, 6])
+
+
+def test_learning_rate_schedule():
+    import math
+    from types import SimpleNamespace
+
+    from megatron_apt.trainer.trainer import Trainer
+
+    cfg = load_config(None, ["data.synthetic=true", "steps=110", "optim.warmup_steps=10", "optim.schedule=cosine",
+                             "optim.min_lr=1e-4"])
+    t = SimpleNamespace(cfg=cfg, step=0)
+    lr = [Trainer.lr_at(SimpleNamespace(cfg=cfg, step=s), 1e-3) for s in range(110)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)  # warmup: updates 1..10
+    assert lr[59] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr[-1] == pytest.approx(1e-4) and all(a >= b for a, b in zip(lr[9:], lr[10:]))
+    t.cfg = load_config(None, ["data.synthetic=true", "optim.warmup_steps=0"])
+    assert Trainer.lr_at(t, 3e-6) == 3e-6
+    with pytest.raises(ValueError, match="schedule"):
+        load_config(None, ["data.synthetic=true", "optim.schedule=linear"])
