@@ -7,6 +7,7 @@ Without a VAE the model works in pixel space (the embedded default).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,9 +79,17 @@ class Generator:
     """Loads a generator (one-step) or diffusion model directory and produces videos in [-1, 1]."""
 
     def __init__(self, model_dir: str, *, text: str = "bytes", vae: str = "none", device="cpu",
-                 dtype=torch.float32, max_text_len: int = 512, parallel_dims=None, compile: bool = False):
+                 dtype=torch.float32, max_text_len: int = 512, parallel_dims=None, compile: bool = False,
+                 shift: float | None = None):
         meta, _ = read_model_dir(model_dir)
         self.kind = meta.get("kind")
+        # The timestep shift of multi-step diffusion sampling: the user's, else the one the model was trained
+        # with (recorded at export; None there = SD3's resolution-dependent sqrt(tokens / 256)), else 1.
+        training = meta.get("training") or {}
+        self.shift_source = "given" if shift is not None else ("recorded" if "shift" in training else "default")
+        self.shift = shift if shift is not None else (training.get("shift", 1.0) if "shift" in training else 1.0)
+        if self.shift is not None and not self.shift > 0:
+            raise ValueError(f"timestep shift must be > 0, got {self.shift}")
         if self.kind not in ("generator", "diffusion", "consistency"):
             raise ValueError(f"{model_dir} holds a {self.kind!r} checkpoint; generation needs a generator, "
                              "consistency or diffusion model (export one with tools/convert_checkpoint.py)")
@@ -124,12 +133,29 @@ class Generator:
         tt = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
         return self.model(x, tt, text, mask)
 
+    def shift_for(self, latent_shape) -> float:
+        """The sampling shift for latents [B, C, T, H, W] (resolution dependent when recorded as None)."""
+        if self.shift is not None:
+            return float(self.shift)
+        pt, ph, pw = self.model.config.patch_size
+        _, _, T, H, W = latent_shape
+        return max(1.0, math.sqrt((T // pt) * (H // ph) * (W // pw) / 256.0))
+
+    def timesteps(self, steps: int, latent_shape) -> list[float]:
+        """t_0 = 1 > t_1 > ... > t_steps = 0: uniform, shifted for diffusion models (Eq. 7's shift, as in
+        flow-matching training) so that the sampler spends its steps where the model was trained to."""
+        t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        if self.kind == "diffusion" and steps > 1:
+            s = self.shift_for(latent_shape)
+            t = s * t / (1 + (s - 1) * t)
+        return t.tolist()
+
     @torch.no_grad()
     def sample_latents(self, z, text, mask, steps: int = 1, cfg_scale: float = 1.0, timesteps=None):
         """Euler sampling from t = 1 to 0 (steps = 1 for the one-step generator). cfg_scale > 1 adds
         classifier-free guidance against the null text (for the diffusion baseline)."""
         if timesteps is None:
-            timesteps = torch.linspace(1.0, 0.0, steps + 1).tolist()
+            timesteps = self.timesteps(steps, z.shape)
         x = z
         for a, b in zip(timesteps, timesteps[1:]):
             v = self.velocity(x, a, text, mask)

@@ -1,0 +1,50 @@
+"""Multi-step sampling uses the timestep shift the model was trained with (recorded at export)."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_apt.inference.pipeline import Generator
+from megatron_apt.models.io import build_mmdit, save_mmdit
+
+
+def _model(tmp_path, name, kind="diffusion", training=None):
+    m = build_mmdit("debug", seed=0, zero_init=False)
+    extra = {"training": training} if training is not None else None
+    return str(save_mmdit(m, tmp_path / name, kind=kind, extra=extra))
+
+
+def _shift(t, s):
+    return s * t / (1 + (s - 1) * t)
+
+
+def test_recorded_shift_is_used_and_can_be_overridden(tmp_path):
+    d = _model(tmp_path, "d", training={"stage": "flow", "shift": 3.0})
+    g = Generator(d)
+    assert g.shift == 3.0 and g.shift_source == "recorded"
+    ts = g.timesteps(4, (1, 4, 1, 8, 8))
+    assert ts == pytest.approx([_shift(t, 3.0) for t in (1.0, 0.75, 0.5, 0.25, 0.0)])
+    assert Generator(d, shift=1.0).timesteps(4, (1, 4, 1, 8, 8)) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    # the shift changes what the sampler produces
+    z = torch.randn(1, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    text, mask = torch.randn(1, 3, 24), torch.ones(1, 3, dtype=torch.bool)
+    a = g.sample_latents(z, text, mask, steps=4)
+    b = Generator(d, shift=1.0).sample_latents(z, text, mask, steps=4)
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="shift"):
+        Generator(d, shift=0.0)
+
+
+def test_resolution_dependent_shift_and_old_directories(tmp_path):
+    d = _model(tmp_path, "r", training={"stage": "flow", "shift": None})  # SD3's sqrt(tokens / 256)
+    g = Generator(d)
+    tokens = 1 * (64 // 2) * (64 // 2)
+    assert g.shift_for((1, 4, 1, 64, 64)) == pytest.approx(math.sqrt(tokens / 256))
+    old = Generator(_model(tmp_path, "old"))  # written before shifts were recorded: uniform steps
+    assert old.shift == 1.0 and old.shift_source == "default"
+
+
+def test_one_step_generators_are_not_shifted(tmp_path):
+    g = Generator(_model(tmp_path, "g", kind="generator", training={"stage": "apt_video"}))
+    assert g.timesteps(2, (1, 4, 1, 8, 8)) == pytest.approx([1.0, 0.5, 0.0])
