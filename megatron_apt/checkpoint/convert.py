@@ -173,6 +173,12 @@ def expected_shapes(cfg: MMDiTConfig, kind: str, head_layers=None, head_mlp_rati
 
 
 def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple], what: str) -> None:
+    from megatron_apt.models.discriminator import check_head_layout
+
+    try:
+        check_head_layout(state, what)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

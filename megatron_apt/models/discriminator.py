@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_apt.config.model import DiscriminatorConfig
-from megatron_apt.models.attention import attention_with_lse
+from megatron_apt.models.attention import RMSNorm, attention_with_lse
 from megatron_apt.models.mmdit import MLP, MMDiT
 
 
@@ -26,21 +26,6 @@ class OneStepGenerator(nn.Module):
         t = torch.ones(z.shape[0], device=z.device, dtype=z.dtype)
         return z - self.backbone(z, t, text, text_mask, pooled)
 
-    @torch.no_grad()
-    def sample(self, z, text, text_mask=None, pooled=None, steps: int = 1, timesteps=None):
-        """N-step sampling by Euler steps on the backbone's velocity from t = 1 down to 0; steps = 1 is
-        exactly forward(). The paper's zero-shot 2-step uses the one-step-trained weights this way."""
-        if timesteps is None:
-            timesteps = torch.linspace(1.0, 0.0, steps + 1).tolist()
-        timesteps = [float(t) for t in timesteps]
-        if len(timesteps) < 2 or timesteps[0] != 1.0 or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
-            raise ValueError(f"timesteps must decrease from 1.0, got {timesteps}")
-        x = z
-        for t_cur, t_next in zip(timesteps, timesteps[1:]):
-            t = torch.full((z.shape[0],), t_cur, device=z.device, dtype=z.dtype)
-            x = x + (t_next - t_cur) * self.backbone(x, t, text, text_mask, pooled)
-        return x
-
 
 class HeadAttentionCore(nn.Module):
     """Attention of the head's query token over the visual tokens; returns the output [B, 1, H, Dh].
@@ -52,20 +37,27 @@ class HeadAttentionCore(nn.Module):
 
 
 class CrossAttentionHead(nn.Module):
-    """A cross-attention-only transformer block: one learnable query token attends to all visual tokens of
-    a backbone layer (pre-norm + residual), then an MLP (pre-norm + residual); yields one token [B, D]."""
+    """A cross-attention-only transformer block (Fig. 1, green): one learnable query token attends to all
+    visual tokens of a backbone layer, then an MLP; yields one token [B, D].
+
+    As drawn in Fig. 1: pre-RMSNorm on the query token and on the visual tokens, projections Q/K/V, per-head
+    QK RMSNorm, attention, projection O and a residual; then pre-RMSNorm, MLP (Linear, GELU, Linear) and a
+    residual."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
         super().__init__()
         self.num_heads = num_heads
+        head_dim = dim // num_heads
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.norm_q = nn.LayerNorm(dim, eps=eps)
-        self.norm_kv = nn.LayerNorm(dim, eps=eps)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_kv = RMSNorm(dim, eps)
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
         self.to_out = nn.Linear(dim, dim)
-        self.norm_mlp = nn.LayerNorm(dim, eps=eps)
+        self.norm_mlp = RMSNorm(dim, eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.core = HeadAttentionCore()
 
@@ -73,12 +65,28 @@ class CrossAttentionHead(nn.Module):
         B = tokens.shape[0]
         q0 = self.query.expand(B, -1, -1).to(tokens.dtype)
         kv = self.norm_kv(tokens)
-        q = self.to_q(self.norm_q(q0)).unflatten(-1, (self.num_heads, -1))
-        k = self.to_k(kv).unflatten(-1, (self.num_heads, -1))
-        v = self.to_v(kv).unflatten(-1, (self.num_heads, -1))
+        # unflatten to the local head count: correct whether or not tensor parallel split the projections
+        hd = self.q_norm.weight.shape[0]
+        q = self.q_norm(self.to_q(self.norm_q(q0)).unflatten(-1, (-1, hd)))
+        k = self.k_norm(self.to_k(kv).unflatten(-1, (-1, hd)))
+        v = self.to_v(kv).unflatten(-1, (-1, hd))
         h = q0 + self.to_out(self.core(q, k, v).flatten(-2))
         h = h + self.mlp(self.norm_mlp(h))
         return h[:, 0]
+
+
+# Parameter names of the heads before they followed Fig. 1 (LayerNorm pre-norms with biases, no QK norm);
+# checkpoints holding them are refused by name (see `check_head_layout`).
+LEGACY_HEAD_KEYS = ("norm_q.bias", "norm_kv.bias", "norm_mlp.bias")
+
+
+def check_head_layout(keys, source) -> None:
+    """Refuse, in one line, discriminator tensors written when the heads were LayerNorm-normed blocks."""
+    legacy = sorted(k for k in keys if k.startswith("heads.") and k.endswith(LEGACY_HEAD_KEYS))
+    if legacy:
+        raise ValueError(f"{source} holds discriminator heads of the earlier layout (LayerNorm pre-norms, no QK "
+                         f"RMSNorm; e.g. {legacy[0]}): they cannot be loaded into the Fig. 1 heads. The heads are "
+                         "drawn fresh at the start of each APT stage: start the stage again from its inputs")
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -123,9 +131,10 @@ class Discriminator(nn.Module):
                 p.normal_(0.0, std, generator=generator)
             else:
                 p.zero_()
-        for m in [self.norm, *[mm for h in self.heads for mm in h.modules() if isinstance(mm, nn.LayerNorm)]]:
+        self.norm.weight.fill_(1.0)
+        self.norm.bias.zero_()
+        for m in (mm for h in self.heads for mm in h.modules() if isinstance(mm, RMSNorm)):
             m.weight.fill_(1.0)
-            m.bias.zero_()
 
     def forward(self, x, t, text, text_mask=None, pooled=None):
         feats = self.backbone(x, t, text, text_mask, pooled, features_at=self.head_layers)
