@@ -5,8 +5,10 @@
   -log sigma(a) = softplus(-a),   -log(1 - sigma(a)) = softplus(a)
   D(x, c) = D_hat(x, t, c), t ~ shift(U(0, 1), s), shift(t, s) = s t / (1 + (s - 1) t)               (Eqs. 6-7)
 
-The paper writes the perturbation as N(x, sigma I); here sigma is the noise standard deviation
-(x + sigma eps, eps ~ N(0, I)), so aR1 / sigma^2 -> ||grad_x D||^2 (the exact R1 of Eq. 8) as sigma -> 0.
+The paper writes the perturbation as N(x, sigma I) and calls sigma a "small variance" (§3.4): read
+literally, the perturbed sample is x + sqrt(sigma) eps, eps ~ N(0, I) (`r1_sigma_means="variance"`, the
+default); `"std"` reads sigma as the standard deviation (x + sigma eps). Either way
+aR1 / std^2 -> ||grad_x D||^2 (the exact R1 of Eq. 8) as the noise shrinks.
 
 Randomness (z, t, eps) comes from a `torch.Generator` that the caller seeds identically on every rank that
 shares a sample (a tensor- or sequence-parallel group), so those ranks draw the same values.
@@ -14,6 +16,7 @@ shares a sample (a tensor- or sequence-parallel group), so those ranks draw the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +30,9 @@ class APTConfig:
     r1_lambda: float = 100.0
     """Weight lambda of the approximated R1 term (paper: 100)."""
     r1_sigma: float = 0.01
-    """Std of the aR1 perturbation (paper: 0.01 images, 0.1 videos)."""
+    """sigma of the aR1 perturbation N(x, sigma I) (Eq. 9; paper: 0.01 images, 0.1 videos)."""
+    r1_sigma_means: str = "variance"
+    """How sigma is read: 'variance' (the paper's words, noise std sqrt(sigma)) or 'std' (noise std sigma)."""
     timestep_shift: float = 1.0
     """Shift s of the discriminator's timestep ensemble (paper: 1 images, 12 videos)."""
     use_r1: bool = True
@@ -41,10 +46,22 @@ class APTConfig:
     def validate(self):
         if not self.r1_sigma > 0:
             raise ValueError(f"r1_sigma must be > 0, got {self.r1_sigma}")
+        if self.r1_sigma_means not in ("variance", "std"):
+            raise ValueError(f"r1_sigma_means must be 'variance' or 'std', got {self.r1_sigma_means!r}")
         if not self.r1_lambda >= 0:
             raise ValueError(f"r1_lambda must be >= 0, got {self.r1_lambda}")
         if not self.timestep_shift > 0:
             raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+
+
+def r1_noise_std(cfg: APTConfig) -> float:
+    """The standard deviation of the aR1 perturbation N(x, sigma I) (Eq. 9) under the configured reading."""
+    return math.sqrt(cfg.r1_sigma) if cfg.r1_sigma_means == "variance" else cfg.r1_sigma
+
+
+def perturb(x: torch.Tensor, eps: torch.Tensor, cfg: APTConfig) -> torch.Tensor:
+    """A sample of N(x, sigma I) (Eq. 9) from standard-normal eps."""
+    return x + r1_noise_std(cfg) * eps
 
 
 def shift_timestep(t: torch.Tensor, s: float) -> torch.Tensor:
@@ -146,7 +163,7 @@ def discriminator_loss(D, G, x, text, text_mask=None, pooled=None, *, cfg: APTCo
         t_fake = sample_timesteps(B, cfg.timestep_shift, generator, x.device, x.dtype)
     if eps is None:
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    perturbed = x + cfg.r1_sigma * eps  # same t as the real sample it perturbs
+    perturbed = perturb(x, eps, cfg)  # same t as the real sample it perturbs
     if cfg.fused_d_forward:
         logits = D(*fused_d_inputs(x, perturbed, fake, t_real, t_fake, text, text_mask, pooled, use_r1=cfg.use_r1))
         real_l, pert_l, fake_l = split_fused_logits(logits, B, use_r1=cfg.use_r1)
