@@ -344,6 +344,11 @@ def build_networks(stage: str, model_cfg: MMDiTConfig, dcfg: DiscriminatorConfig
 # ------------------------------------------------------------------------------------------------------
 # the request and the plan
 # ------------------------------------------------------------------------------------------------------
+OPTIMIZER_STATES = {"rmsprop": 1, "adam": 2, "adamw": 2}
+OPTIMIZER_STATE_NAMES = {"rmsprop": "RMSprop: square_avg", "adam": "Adam: exp_avg, exp_avg_sq",
+                         "adamw": "AdamW: exp_avg, exp_avg_sq"}
+
+
 @dataclass
 class PlanRequest:
     """A stage, a model and a layout to plan (request_from_config builds one from a training YAML)."""
@@ -385,7 +390,7 @@ class PlanRequest:
     persistence_threshold: int = 100_000
     """ZeRO-3 stage3_param_persistence_threshold (parallel.zero_persistence_threshold)."""
     optimizer: str = "rmsprop"
-    """'rmsprop' (one state tensor) or 'adamw' (two)."""
+    """'rmsprop' (one state tensor), 'adam' or 'adamw' (two: torch's Adam keeps exp_avg even with beta1 = 0)."""
     ema: bool = True
     """An fp32 EMA of G (APT), of the target network (cd) or of the model (flow with apt.ema_decay > 0)."""
     use_r1: bool = True
@@ -685,8 +690,8 @@ def plan_memory(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, nets: dict[s
                 micro: int) -> Memory:
     pb = 2 if req.precision == "bf16" else 4
     trained = {k: n for k, n in nets.items() if n.trainable}
-    n_states = {"rmsprop": 1, "adamw": 2}[req.optimizer]
-    state_desc = {"rmsprop": "RMSprop: square_avg", "adamw": "AdamW: exp_avg, exp_avg_sq"}[req.optimizer]
+    n_states = OPTIMIZER_STATES[req.optimizer]
+    state_desc = OPTIMIZER_STATE_NAMES[req.optimizer]
     ema_nets = ([k for k in trained if k in ("G", "model")]) if req.ema else []
     static: list[Item] = []
 
@@ -791,8 +796,8 @@ def pipeline_memory(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, stage_ne
     """Per-GPU memory of every pipeline stage (the pipeline engine; see the module docstring)."""
     pp, m = req.pp, micro_steps
     n_heads = len(head_layers)
-    n_states = {"rmsprop": 1, "adamw": 2}[req.optimizer]
-    state_desc = {"rmsprop": "RMSprop: square_avg", "adamw": "AdamW: exp_avg, exp_avg_sq"}[req.optimizer]
+    n_states = OPTIMIZER_STATES[req.optimizer]
+    state_desc = OPTIMIZER_STATE_NAMES[req.optimizer]
     tb = 2 if req.precision == "bf16" else 4
     ckpt_desc = "inputs of every block" if req.activation_checkpointing else "every block's activations"
     out = []

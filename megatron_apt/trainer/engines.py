@@ -70,10 +70,18 @@ class MegatronMPU:
 
 def make_optimizer(params, name: str, lr: float, alpha: float, eps: float, weight_decay: float, betas=(0.9, 0.999)):
     params = [p for p in params if p.requires_grad]
-    if name == "rmsprop":  # paper: RMSProp alpha 0.9 == Adam beta1 0, beta2 0.9, no weight decay
-        return torch.optim.RMSprop(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
+    cls, kw = optimizer_class(name, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, betas=betas)
+    return cls(params, **kw)
+
+
+def optimizer_class(name: str, *, lr: float, alpha: float, eps: float, weight_decay: float, betas=(0.9, 0.999)):
+    """(torch optimizer class, its keyword arguments) for the configured optimizer (§3.5)."""
+    if name == "rmsprop":  # §3.5: RMSProp, alpha 0.9, no weight decay (torch's: no bias correction)
+        return torch.optim.RMSprop, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
+    if name == "adam":  # the Adam §3.5 calls equivalent: beta1 = 0, beta2 = alpha, bias-corrected
+        return torch.optim.Adam, dict(lr=lr, betas=(0.0, alpha), eps=eps, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        return torch.optim.AdamW, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -365,14 +373,8 @@ class PipelineEngine(TorchEngine):
         if self.zero1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            if optimizer == "rmsprop":
-                opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.RMSprop, process_group=self.dp,
-                                              lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
-            elif optimizer == "adamw":
-                opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=self.dp,
-                                              lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-            else:
-                raise ValueError(f"unknown optimizer {optimizer!r}")
+            cls, kw = optimizer_class(optimizer, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, betas=betas)
+            opt = ZeroRedundancyOptimizer(params, optimizer_class=cls, process_group=self.dp, **kw)
         else:
             opt = make_optimizer(params, optimizer, lr, alpha, eps, weight_decay, betas)
         super().__init__(module, opt, grad_clip, precision, group=self.dp)
