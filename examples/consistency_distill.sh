@@ -36,56 +36,22 @@ need_env() {  # the inputs this stage needs (not in DEBUG or DRY_RUN mode)
   require TEACHER "the diffusion model directory (the teacher, and the student's start unless INIT is set)"
 }
 
-set_args() {
+set_args() {  # the inputs; every hyper-parameter comes from the YAML and the stage's defaults
   MODEL_ARGS=(
-    model.preset=8b                       # 36 blocks, 3072 wide, 8.2 B parameters
     "model.teacher=${TEACHER:-}"          # frozen, bf16, whole on every GPU
     "model.init=${INIT:-${TEACHER:-}}"    # the student starts from the diffusion weights
   )
   DATA_ARGS=(
     "data.path=${DATA_PATH:-}"
-    data.max_text_len=512
   )
-  TRAINING_ARGS=(
-    stage=cd
-    steps=2000
-    global_batch=2048
-    micro_batch=1
-    precision=bf16
-  )
-  OPTIMIZER_ARGS=(
-    optim.optimizer=rmsprop
-    optim.alpha=0.9
-    optim.lr=5e-6
-    optim.weight_decay=0
-    optim.grad_clip=0
-    optim.warmup_steps=100
-  )
-  CD_ARGS=(
-    cd.cfg_scale=7.5                      # constant classifier-free guidance of the teacher
-    cd.num_steps=25                       # discrete timesteps of the distillation grid
-    cd.shift=3.0
-    cd.ema_decay=0.95                     # the target network
-  )
-  PARALLEL_ARGS=(
-    parallel.engine=deepspeed
-    parallel.zero_stage=3
-    parallel.tp=1
-    parallel.sp=1
-    parallel.activation_checkpointing=true
-  )
-  OUTPUT_ARGS=(
-    "run_dir=${RUN_DIR:-runs/cd_8b}"
-    save_every=100
-    log_every=1
-  )
+  OUTPUT_ARGS=(${RUN_DIR:+"run_dir=$RUN_DIR"})
   DEBUG_ARGS=(
     model.preset=debug "model.init=$DEBUG_MODELS/diffusion" "model.teacher=$DEBUG_MODELS/diffusion"
     data.path=null data.synthetic=true "data.synthetic_shape=[4,1,8,8]" data.synthetic_size=8 data.max_text_len=8
     steps=2 global_batch=2 micro_batch=1 precision=fp32 parallel.tp=1 parallel.sp=1 cd.num_steps=4
     parallel.zero_persistence_threshold=0 save_every=0 log_every=1 "run_dir=${RUN_DIR:-runs/debug_cd}"
   )
-  ARG_GROUPS=(MODEL_ARGS DATA_ARGS TRAINING_ARGS OPTIMIZER_ARGS CD_ARGS PARALLEL_ARGS OUTPUT_ARGS)
+  ARG_GROUPS=(MODEL_ARGS DATA_ARGS OUTPUT_ARGS)
 }
 
 # ---- launch: the same in every examples/*.sh training script (sourced from examples/launch.sh) --

@@ -38,57 +38,22 @@ need_env() {  # the inputs this stage needs (not in DEBUG or DRY_RUN mode)
   require TEACHER "the diffusion model directory (the discriminator's backbone)"
 }
 
-set_args() {
+set_args() {  # the inputs; every hyper-parameter comes from the YAML and the stage's defaults
   MODEL_ARGS=(
-    model.preset=8b                       # 36 blocks, 3072 wide, 8.2 B parameters
     "model.init=${INIT:-}"                # G(z, c) = z - G_hat(z, c, T), from the distilled G-hat
     "model.teacher=${TEACHER:-}"          # D: the diffusion weights, all layers trainable
-    "model.head_layers=[16,26,36]"        # cross-attention discriminator heads
   )
   DATA_ARGS=(
     "data.path=${DATA_PATH:-}"            # 16x1x128x128 latents (1024px) + text states
-    data.max_text_len=512
   )
-  TRAINING_ARGS=(
-    stage=apt_image
-    steps=350                             # generator updates (D and G alternate 1:1)
-    global_batch=9062                     # exact on any number of GPUs
-    micro_batch=4                         # hides ZeRO-3 parameter traffic behind compute (tools/plan.py)
-    precision=bf16
-  )
-  OPTIMIZER_ARGS=(
-    optim.optimizer=rmsprop               # RMSProp alpha 0.9 == Adam beta1 0, beta2 0.9
-    optim.alpha=0.9
-    optim.lr=5e-6                         # G and D
-    optim.d_lr=5e-6
-    optim.weight_decay=0
-    optim.grad_clip=0                     # no clipping (DeepSpeed's default of 1.0 is overridden)
-  )
-  APT_ARGS=(
-    apt.r1_lambda=100                     # approximated R1 on every D step
-    apt.r1_sigma=0.01                     # 0.01 for images
-    apt.timestep_shift=1                  # discriminator timestep ensemble, shift 1 for images
-    apt.ema_decay=0.995
-  )
-  PARALLEL_ARGS=(
-    parallel.engine=deepspeed
-    parallel.zero_stage=3
-    parallel.tp=1
-    parallel.sp=1
-    parallel.activation_checkpointing=true
-  )
-  OUTPUT_ARGS=(
-    "run_dir=${RUN_DIR:-runs/apt_image_8b}"
-    save_every=25
-    log_every=1
-  )
+  OUTPUT_ARGS=(${RUN_DIR:+"run_dir=$RUN_DIR"})
   DEBUG_ARGS=(
-    model.preset=debug model.head_layers=null "model.init=$DEBUG_MODELS/init" "model.teacher=$DEBUG_MODELS/diffusion"
+    model.preset=debug "model.init=$DEBUG_MODELS/init" "model.teacher=$DEBUG_MODELS/diffusion"
     data.path=null data.synthetic=true "data.synthetic_shape=[4,1,8,8]" data.synthetic_size=8 data.max_text_len=8
     steps=2 global_batch=2 micro_batch=1 precision=fp32 parallel.tp=1 parallel.sp=1
     parallel.zero_persistence_threshold=0 save_every=0 log_every=1 "run_dir=${RUN_DIR:-runs/debug_apt_image}"
   )
-  ARG_GROUPS=(MODEL_ARGS DATA_ARGS TRAINING_ARGS OPTIMIZER_ARGS APT_ARGS PARALLEL_ARGS OUTPUT_ARGS)
+  ARG_GROUPS=(MODEL_ARGS DATA_ARGS OUTPUT_ARGS)
 }
 
 # ---- launch: the same in every examples/*.sh training script (sourced from examples/launch.sh) --

@@ -33,54 +33,21 @@ need_env() {  # the inputs this stage needs (not in DEBUG or DRY_RUN mode)
   require DATA_PATH "the indexed dataset prefix(es) of image and/or video latents (tools/preprocess_video.py)"
 }
 
-set_args() {
+set_args() {  # the inputs; every hyper-parameter comes from the YAML
   MODEL_ARGS=(
-    model.preset=8b                       # 36 blocks, 3072 wide, 8.2 B parameters
     "model.init=${INIT:-null}"            # optional: continue from a model directory
   )
   DATA_ARGS=(
     "data.path=${DATA_PATH:-}"
-    data.max_text_len=512
   )
-  TRAINING_ARGS=(
-    stage=flow
-    steps=100000
-    global_batch=2048
-    micro_batch=1
-    precision=bf16
-  )
-  OPTIMIZER_ARGS=(
-    optim.optimizer=adamw
-    optim.lr=1e-4
-    "optim.betas=[0.9,0.999]"
-    optim.weight_decay=0
-    optim.grad_clip=1.0
-    optim.warmup_steps=1000
-  )
-  FLOW_ARGS=(
-    flow.shift=null                       # resolution dependent: sqrt(tokens / 256), as SD3
-    flow.text_dropout=0.1                 # caption dropout for classifier-free guidance
-    apt.ema_decay=0.9999                  # the EMA the flow stage keeps (export/model_ema)
-  )
-  PARALLEL_ARGS=(
-    parallel.engine=deepspeed
-    parallel.zero_stage=3
-    parallel.tp=1
-    parallel.sp=1
-    parallel.activation_checkpointing=true
-  )
-  OUTPUT_ARGS=(
-    "run_dir=${RUN_DIR:-runs/diffusion_8b}"
-    save_every=1000
-    log_every=10
-  )
+  OUTPUT_ARGS=(${RUN_DIR:+"run_dir=$RUN_DIR"})
   DEBUG_ARGS=(
     model.preset=debug model.init=null
     data.path=null data.synthetic=true "data.synthetic_shape=[4,2,8,8]" data.synthetic_size=8 data.max_text_len=8
     steps=2 global_batch=2 micro_batch=1 precision=fp32 parallel.tp=1 parallel.sp=1
     parallel.zero_persistence_threshold=0 save_every=0 log_every=1 "run_dir=${RUN_DIR:-runs/debug_diffusion}"
   )
-  ARG_GROUPS=(MODEL_ARGS DATA_ARGS TRAINING_ARGS OPTIMIZER_ARGS FLOW_ARGS PARALLEL_ARGS OUTPUT_ARGS)
+  ARG_GROUPS=(MODEL_ARGS DATA_ARGS OUTPUT_ARGS)
 }
 
 # ---- launch: the same in every examples/*.sh training script (sourced from examples/launch.sh) --

@@ -36,8 +36,8 @@ import _bootstrap  # noqa: F401
 
 from megatron_apt import planning as P
 
-PAPER = {"apt_image": {"global_batch": 9062, "steps": 350}, "apt_video": {"global_batch": 2048, "steps": 300},
-         "cd": {"global_batch": 2048, "steps": None}, "flow": {"global_batch": 2048, "steps": None}}
+# Stages without a batch in the paper (cd, flow) are planned at the video stage's 2048.
+UNSTATED_BATCH = 2048
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="updates, for the total time (default: the paper's)")
     p.add_argument("--no-activation-checkpointing", action="store_true")
     p.add_argument("--engine", choices=["deepspeed", "torch", "pipeline"], default=None)
-    p.add_argument("--optimizer", choices=["rmsprop", "adamw"], default=None)
+    p.add_argument("--optimizer", choices=["rmsprop", "adam", "adamw"], default=None)
     p.add_argument("--sample", choices=["image", "video"], default=None,
                    help="sample kind (default: image for apt_image, video otherwise)")
     p.add_argument("--image-size", type=int, default=1024)
@@ -87,8 +87,11 @@ def make_request(a: argparse.Namespace) -> P.PlanRequest:
         if a.overrides:
             raise ValueError("dotted overrides need --config")
         stage = a.stage or "apt_image"
-        req = P.PlanRequest(stage=stage, world=a.gpus, global_batch=PAPER[stage]["global_batch"],
-                            steps=PAPER[stage]["steps"], optimizer="adamw" if stage == "flow" else "rmsprop")
+        from megatron_apt.config.train import stage_defaults
+
+        paper = stage_defaults(stage)
+        req = P.PlanRequest(stage=stage, world=a.gpus, global_batch=paper.get("global_batch", UNSTATED_BATCH),
+                            steps=paper.get("steps"), optimizer=paper.get("optim.optimizer", "rmsprop"))
     if a.stage and a.config and a.stage != req.stage:
         raise ValueError(f"--stage {a.stage} contradicts the config's stage {req.stage}")
     kw = {}

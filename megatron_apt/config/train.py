@@ -89,9 +89,12 @@ class OptimSection:
     d_lr: float | None = None
     """Discriminator learning rate; None = lr."""
     optimizer: str = "rmsprop"
-    """'rmsprop' (paper: alpha 0.9, = Adam beta1 0, beta2 0.9) or 'adamw'."""
+    """'rmsprop' (§3.5: RMSProp with alpha 0.9, torch's, which has no bias correction), 'adam' (the Adam
+    that §3.5 calls equivalent: beta1 0, beta2 = alpha, with bias correction; torch's RMSProp makes the first
+    update ~3.2x larger, sqrt(1 / (1 - alpha)), and the first ~20 of an APT stage's ~300 updates larger than
+    Adam's) or 'adamw' (with `betas`, for pretraining)."""
     alpha: float = 0.9
-    """RMSProp smoothing constant."""
+    """RMSProp smoothing constant (and beta2 of 'adam')."""
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas (flow-matching pretraining)."""
     eps: float = 1e-8
@@ -114,7 +117,11 @@ class APTSection:
     r1_lambda: float = 100.0
     """Weight of the approximated R1 (paper: 100)."""
     r1_sigma: float = 0.01
-    """aR1 perturbation std (paper: 0.01 images, 0.1 videos)."""
+    """sigma of the aR1 perturbation N(x, sigma I) (Eq. 9; paper: 0.01 images, 0.1 videos)."""
+    r1_sigma_means: str = "variance"
+    """How sigma is read. The paper calls sigma "a small variance" (§3.4), so 'variance' (the default) perturbs
+    with noise of standard deviation sqrt(sigma): 0.1 for images, 0.32 for videos; 'std' uses sigma itself as
+    the standard deviation (10x and 3.2x smaller). The toy reproduction compares the two."""
     timestep_shift: float = 1.0
     """Discriminator timestep-ensemble shift s (paper: 1 images, 12 videos)."""
     use_r1: bool = True
@@ -152,7 +159,14 @@ class CDSection:
     ema_decay: float = 0.95
     """EMA decay of the target network."""
     negative_prompt: str = ""
-    """Fixed negative prompt of the teacher's CFG (its encoding; empty = the null text)."""
+    """The fixed negative prompt of the teacher's CFG (§3.2): encoded once, the way the data set's captions were
+    (byte tokens, a tokenizer or a text encoder; see text_encoder), it is the unconditional input of every
+    teacher pass. The paper does not print its prompt. Empty (the default) = the null text: zero features,
+    fully masked, what the model saw under text dropout."""
+    text_encoder: str | None = None
+    """The text encoder (hidden-state data sets) or tokenizer (token-id data sets made with --tokenizer)
+    directory that encoded the data set's captions; needed to encode a non-empty negative prompt unless the
+    captions are byte tokens."""
     shift: float = 3.0
     """Shift of the timestep grid."""
 
@@ -218,8 +232,43 @@ class TrainConfig:
             raise ValueError("data.path is required (or set data.synthetic=true)")
         if self.optim.schedule not in ("constant", "cosine"):
             raise ValueError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
-        if self.optim.optimizer not in ("rmsprop", "adamw"):
-            raise ValueError(f"optim.optimizer must be rmsprop or adamw, got {self.optim.optimizer!r}")
+        if self.optim.optimizer not in ("rmsprop", "adam", "adamw"):
+            raise ValueError(f"optim.optimizer must be rmsprop, adam or adamw, got {self.optim.optimizer!r}")
+        if self.apt.r1_sigma_means not in ("variance", "std"):
+            raise ValueError(f"apt.r1_sigma_means must be variance or std, got {self.apt.r1_sigma_means!r}")
+
+
+# The paper's numbers per stage (§3.2, §3.5), applied over the dataclass defaults before the YAML file and the
+# overrides, so that `stage=apt_video` alone is the paper's video stage. Flow matching and consistency
+# distillation have no batch or learning rate in the paper: they keep the dataclass defaults.
+PAPER = {
+    "apt_image": {"steps": 350, "global_batch": 9062, "optim.optimizer": "rmsprop", "optim.alpha": 0.9,
+                  "optim.lr": 5e-6, "optim.weight_decay": 0.0, "optim.grad_clip": 0.0, "apt.r1_lambda": 100.0,
+                  "apt.r1_sigma": 0.01, "apt.timestep_shift": 1.0, "apt.ema_decay": 0.995},
+    "apt_video": {"steps": 300, "global_batch": 2048, "optim.optimizer": "rmsprop", "optim.alpha": 0.9,
+                  "optim.lr": 3e-6, "optim.weight_decay": 0.0, "optim.grad_clip": 0.0, "apt.r1_lambda": 100.0,
+                  "apt.r1_sigma": 0.1, "apt.timestep_shift": 12.0, "apt.ema_decay": 0.995},
+    "cd": {"cd.cfg_scale": 7.5},
+    "flow": {"optim.optimizer": "adamw"},
+}
+
+
+def stage_defaults(stage: str) -> dict[str, Any]:
+    """The paper's values of a stage as dotted keys (see PAPER)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    return dict(PAPER.get(stage, {}))
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        d = out
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = value
+    return out
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -285,8 +334,19 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     return cfg
 
 
+def _final_stage(data: dict[str, Any], overrides: list[str]) -> str:
+    stage = data.get("stage", TrainConfig.stage)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "stage":
+            stage = value.strip()
+    return str(stage)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Dataclass defaults, then the paper's values of the stage (PAPER), then the YAML file, then overrides."""
     cfg = TrainConfig()
+    data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -294,7 +354,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping at the top level")
-        _apply(cfg, data, "")
+    _apply(cfg, _nest(stage_defaults(_final_stage(data, overrides or []))), "")
+    _apply(cfg, data, "")
     apply_overrides(cfg, overrides or [])
     cfg.validate()
     return cfg

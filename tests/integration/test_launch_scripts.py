@@ -103,6 +103,7 @@ def _dry_run(tmp_path, name, entry, world_nodes):
     ("pretrain_diffusion.sh", "bash", 32),
 ])
 def test_dry_run_matches_yaml_and_paper(tmp_path, name, entry, nodes):
+    from megatron_apt.config.model import DiscriminatorConfig
     from megatron_apt.config.train import config_to_dict, load_config
 
     got, text = _dry_run(tmp_path, name, entry, nodes)
@@ -119,16 +120,16 @@ def test_dry_run_matches_yaml_and_paper(tmp_path, name, entry, nodes):
     if name == "pretrain_apt_image.sh":
         assert (got["stage"], got["global_batch"], got["steps"]) == ("apt_image", 9062, 350)
         assert (o["lr"], o["d_lr"], o["optimizer"], o["alpha"], o["weight_decay"], o["grad_clip"]) == \
-            (5e-6, 5e-6, "rmsprop", 0.9, 0.0, 0.0)
+            (5e-6, None, "rmsprop", 0.9, 0.0, 0.0)  # d_lr None: D's learning rate is G's
         assert (a["r1_lambda"], a["r1_sigma"], a["timestep_shift"], a["ema_decay"]) == (100, 0.01, 1, 0.995)
-        assert got["model"]["head_layers"] == [16, 26, 36]
+        assert DiscriminatorConfig(head_layers=got["model"]["head_layers"]).resolve_layers(36) == (16, 26, 36)
         assert "global batch 9062 = 256 data-parallel ranks x 35-36 samples, 9 micro-steps of <= 4" in text
     elif name == "pretrain_apt_video.sh":
         assert (got["stage"], got["global_batch"], got["steps"]) == ("apt_video", 2048, 300)
         assert (o["lr"], o["d_lr"], o["optimizer"], o["alpha"], o["weight_decay"], o["grad_clip"]) == \
-            (3e-6, 3e-6, "rmsprop", 0.9, 0.0, 0.0)
+            (3e-6, None, "rmsprop", 0.9, 0.0, 0.0)
         assert (a["r1_lambda"], a["r1_sigma"], a["timestep_shift"], a["ema_decay"]) == (100, 0.1, 12, 0.995)
-        assert got["model"]["head_layers"] == [16, 26, 36]
+        assert DiscriminatorConfig(head_layers=got["model"]["head_layers"]).resolve_layers(36) == (16, 26, 36)
         assert "world=1024 (tp=1 x sp=2 x dp=512 x pp=1)" in text
         assert "global batch 2048 = 512 data-parallel ranks x 4 samples" in text
     elif name == "consistency_distill.sh":
