@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_apt.methods.apt import discriminator_loss_from_logits, fused_d_inputs, split_fused_logits
+from megatron_apt.methods.apt import discriminator_loss_from_logits, fused_d_inputs, perturb, split_fused_logits
 from megatron_apt.methods.stages import (
     APTMethod,
     ConsistencyMethod,
@@ -104,7 +104,7 @@ class PipelineFlowStage(FlowMethod, _PipelineStageBase):
             return self.mse_loss(per_sample_mse(v, item.extra["target"]), item.extra["mb"])
 
         sums = self.run_and_reduce(self.engine.module, items, loss_fn, ("loss", "n"))
-        return self.finish_mse_step(sums, self.cfg.apt.ema_decay if self.engine.ema is not None else None)
+        return self.finish_mse_step(sums, self.ema_decay_at(step))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -126,6 +126,7 @@ class PipelineConsistencyStage(ConsistencyMethod, _PipelineStageBase):
         self.engine = trainer.make_engine(self.load_stage("velocity", c.model.init or teacher_dir), lr=c.optim.lr)
         self.engine.init_ema()
         self.init_grid()
+        self.init_negative(trainer.encode_prompt(self.cfg.cd.negative_prompt))
 
     def engines(self):
         return {"model": self.engine}
@@ -198,7 +199,7 @@ class PipelineAPTStage(APTMethod, _PipelineStageBase):
         items = []
         for mb, (z, eps, t_real, t_fake), fake in zip(micro_batches, draws, fakes):
             x = mb["x"]
-            xin, tin, text, mask, _ = fused_d_inputs(x, x + self.apt.r1_sigma * eps, fake.to(x.dtype), t_real, t_fake,
+            xin, tin, text, mask, _ = fused_d_inputs(x, perturb(x, eps, self.apt), fake.to(x.dtype), t_real, t_fake,
                                                      mb["text"], mb["text_mask"], use_r1=use_r1)
             items.append(PipeItem(xin, tin, text, mask, {"mb": mb}))
 

@@ -15,13 +15,9 @@ from typing import Any
 import torch
 
 from megatron_apt.config.model import DiscriminatorConfig
+from megatron_apt.models.conditioning import cfg_text_batch, null_text
 from megatron_apt.methods.apt import APTConfig, discriminator_loss, generator_loss, shift_timestep
 from megatron_apt.trainer.batching import per_sample_rand, per_sample_randn
-
-
-def _null_text(text, mask):
-    """The unconditional text: zeros, fully masked (text dropout and classifier-free guidance)."""
-    return torch.zeros_like(text), torch.zeros_like(mask)
 
 
 class Stage:
@@ -84,6 +80,14 @@ class FlowMethod:
     """Flow-matching pretraining: x_t = (1 - t) x0 + t eps, target v = eps - x0, shifted timesteps, text
     dropout for classifier-free guidance."""
 
+    def ema_decay_at(self, step: int) -> float | None:
+        """The EMA decay of update `step` (None without an EMA): from scratch the decay is ramped as
+        min(decay, (1 + n) / (10 + n)) so that the random initialisation leaves the average."""
+        if self.engine.ema is None:
+            return None
+        decay = self.cfg.apt.ema_decay
+        return min(decay, (1.0 + step) / (10.0 + step)) if self.cfg.flow.ema_warmup else decay
+
     def shift_for(self, x):
         if self.cfg.flow.shift is not None:
             return self.cfg.flow.shift
@@ -98,7 +102,7 @@ class FlowMethod:
         t = shift_timestep(self.uniform(mb, step, "flow.t"), self.shift_for(x0)).to(x0.dtype)
         drop = self.uniform(mb, step, "flow.drop") < self.cfg.flow.text_dropout
         if drop.any():
-            nt, nm = _null_text(text, mask)
+            nt, nm = null_text(text, mask)
             text = torch.where(drop[:, None, None], nt, text)
             mask = torch.where(drop[:, None], nm, mask)
         return (1 - _bcast(t)) * x0 + _bcast(t) * eps, t, text, mask, eps - x0
@@ -128,11 +132,15 @@ class ConsistencyMethod:
         tp = self.grid.to(x0.device)[idx - 1].to(x0.dtype)
         return (1 - _bcast(tn)) * x0 + _bcast(tn) * eps, tn, tp
 
-    @staticmethod
-    def teacher_inputs(x, t, text, mask):
-        """The conditional and the unconditional (null text: the fixed negative prompt) pass as one batch."""
-        nt, nm = _null_text(text, mask)
-        return torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, nt]), torch.cat([mask, nm])
+    def init_negative(self, negative):
+        """The fixed negative prompt's encoding (features [1, L, D], mask [1, L]), or None for the null text."""
+        self.negative = negative
+
+    def teacher_inputs(self, x, t, text, mask):
+        """The conditional and the unconditional pass as one batch; the unconditional text is the encoded fixed
+        negative prompt (§3.2), or the null text when `cd.negative_prompt` is empty."""
+        text2, mask2 = cfg_text_batch(text, mask, getattr(self, "negative", None))
+        return torch.cat([x, x]), torch.cat([t, t]), text2, mask2
 
     def teacher_step(self, xt, tn, tp, v2):
         """The Euler step t_n -> t_{n-1} with the CFG velocity of the doubled teacher output v2."""
@@ -162,8 +170,8 @@ class APTMethod:
         if not c.model.init or not c.model.teacher:
             raise ValueError("APT needs model.init (the consistency-distilled G-hat, or the image stage's EMA "
                              "generator) and model.teacher (the diffusion weights for the discriminator)")
-        self.apt = APTConfig(r1_lambda=c.apt.r1_lambda, r1_sigma=c.apt.r1_sigma, timestep_shift=c.apt.timestep_shift,
-                             use_r1=c.apt.use_r1)
+        self.apt = APTConfig(r1_lambda=c.apt.r1_lambda, r1_sigma=c.apt.r1_sigma, r1_sigma_means=c.apt.r1_sigma_means,
+                             timestep_shift=c.apt.timestep_shift, use_r1=c.apt.use_r1)
         self.dcfg = DiscriminatorConfig(head_layers=tuple(c.model.head_layers) if c.model.head_layers else None)
         self.head_seed = c.seed + 17
 
@@ -246,12 +254,7 @@ class FlowMatchingStage(FlowMethod, Stage):
             loss, m = self.mse_loss(per_sample_mse(self.engine(xt, t, text, mask), target), mb)
             self.engine.backward(loss)
             sums.append(m)
-        decay = None
-        if self.engine.ema is not None:
-            decay = self.cfg.apt.ema_decay
-            if self.cfg.flow.ema_warmup:  # from scratch: let the random initialisation leave the average
-                decay = min(decay, (1.0 + step) / (10.0 + step))
-        return self.finish_mse_step(sum_dicts(sums), decay)
+        return self.finish_mse_step(sum_dicts(sums), self.ema_decay_at(step))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -270,6 +273,7 @@ class ConsistencyStage(ConsistencyMethod, Stage):
         self.engine = trainer.make_engine(student, lr=self.cfg.optim.lr)
         self.engine.init_ema()  # the target network
         self.init_grid()
+        self.init_negative(trainer.encode_prompt(self.cfg.cd.negative_prompt))
 
     def engines(self):
         return {"model": self.engine}
@@ -277,17 +281,22 @@ class ConsistencyStage(ConsistencyMethod, Stage):
     def generator_module(self):
         return self.engine.module
 
+    @torch.no_grad()
+    def cd_target(self, xt, tn, tp, text, mask):
+        """The consistency target: the teacher's CFG Euler step t_n -> t_{n-1} (against the negative prompt),
+        then the EMA target network's consistency function f(x, t) = x - t v(x, t) at t_{n-1}."""
+        dt = next(self.teacher.parameters()).dtype
+        x2, t2, text2, mask2 = self.teacher_inputs(xt, tn, text, mask)
+        xp = self.teacher_step(xt, tn, tp, self.teacher(x2.to(dt), t2.to(dt), text2.to(dt), mask2))
+        with self.engine.ema_weights():
+            return self.consistency_fn(xp, tp, self.engine(xp, tp, text, mask))
+
     def train_step(self, step, micro_batches):
         sums = []
-        dt = next(self.teacher.parameters()).dtype
         for mb in micro_batches:
             text, mask = mb["text"], mb["text_mask"]
             xt, tn, tp = self.cd_point(mb, step)
-            with torch.no_grad():
-                x2, t2, text2, mask2 = self.teacher_inputs(xt, tn, text, mask)
-                xp = self.teacher_step(xt, tn, tp, self.teacher(x2.to(dt), t2.to(dt), text2.to(dt), mask2))
-                with self.engine.ema_weights():
-                    target = self.consistency_fn(xp, tp, self.engine(xp, tp, text, mask))
+            target = self.cd_target(xt, tn, tp, text, mask)
             loss, m = self.mse_loss(per_sample_mse(self.consistency_fn(xt, tn, self.engine(xt, tn, text, mask)), target),
                                     mb)
             self.engine.backward(loss)

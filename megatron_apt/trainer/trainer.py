@@ -60,6 +60,7 @@ class Trainer:
         self.sampler = StepSampler(self.data, cfg.global_batch, cfg.seed)
         from megatron_apt.methods.stages import STAGE_CLASSES
 
+        self.check_model_kinds()
         torch.manual_seed(cfg.seed)
         if cfg.parallel.engine == "pipeline":
             from megatron_apt.methods.pipeline_stages import PIPELINE_STAGE_CLASSES as STAGE_CLASSES
@@ -93,6 +94,70 @@ class Trainer:
             data.preload(self.device)
             log.info("held %d samples on %s (%.1f s)", len(data), self.device, time.perf_counter() - t0)
         return data
+
+    # What each stage starts from (§3.2-3.5): kind recorded in each model directory's config.json.
+    EXPECTED_KINDS = {
+        "flow": {"init": ("diffusion",)},
+        "cd": {"init": ("diffusion", "consistency"), "teacher": ("diffusion",)},
+        "apt_image": {"init": ("consistency", "generator"), "teacher": ("diffusion",)},
+        "apt_video": {"init": ("generator", "consistency"), "teacher": ("diffusion",)},
+    }
+    ROLES = {"flow": {"init": "the diffusion model to continue from"},
+             "cd": {"init": "the student's start (the diffusion model)", "teacher": "the frozen diffusion teacher"},
+             "apt_image": {"init": "G's start (the consistency-distilled G-hat, §3.2)",
+                           "teacher": "D's backbone (the original diffusion weights, §3.3)"},
+             "apt_video": {"init": "G's start (the image stage's EMA generator, §3.5)",
+                           "teacher": "D's backbone (the original diffusion weights, §3.5)"}}
+
+    def check_model_kinds(self) -> None:
+        """Refuse, in one line, a model directory of the wrong kind for its role (a generator given as the
+        teacher, a diffusion model as APT's G-hat, ...)."""
+        from megatron_apt.models.io import read_model_dir
+
+        c = self.cfg
+        for role, allowed in self.EXPECTED_KINDS[c.stage].items():
+            path = getattr(c.model, role)
+            if not path:
+                continue
+            kind = read_model_dir(path)[0].get("kind")
+            if kind not in allowed:
+                raise ValueError(f"model.{role}={path} holds a {kind!r} model; stage {c.stage} needs "
+                                 f"{self.ROLES[c.stage][role]}: kind {' or '.join(allowed)}")
+
+    def encode_prompt(self, prompt: str):
+        """A fixed prompt (CD's negative prompt, §3.2) encoded as the data set's captions were: ([1, L, D] text
+        features, [1, L] mask) on the training device, or None for the empty prompt (the null text)."""
+        if not prompt:
+            return None
+        from megatron_apt.models.text_encoder import ByteTokenizer, load_text_encoder, load_tokenizer
+        from megatron_apt.trainer.data import TokenEmbedder
+
+        c, text_dim = self.cfg, self._model_config().text_dim
+        kind, tok = "ids", {"name": "byte"}
+        if not c.data.synthetic:
+            from megatron_apt.data.dataset import LatentVideoDataset
+
+            first = LatentVideoDataset(str(c.data.path).split(",")[0].strip())
+            kind = first.text_kind
+            tok = (first.manifest.get("settings") or {}).get("tokenizer") or {"name": "byte"}
+        if kind == "hidden" or tok.get("name") != "byte":
+            if not c.cd.text_encoder:
+                raise ValueError(f"cd.negative_prompt needs cd.text_encoder: the data set's captions were encoded "
+                                 f"by a {'text encoder' if kind == 'hidden' else 'tokenizer'} this run must encode "
+                                 "the negative prompt with too")
+        if kind == "hidden":
+            enc = load_text_encoder(c.cd.text_encoder, device=self.device)
+            if enc.dim != text_dim:
+                raise ValueError(f"cd.text_encoder {c.cd.text_encoder} has width {enc.dim}, the model's text_dim is "
+                                 f"{text_dim}")
+            feats, mask = enc.encode([prompt], max_length=c.data.max_text_len)
+            del enc
+        else:
+            tokenizer = ByteTokenizer() if tok.get("name") == "byte" else load_tokenizer(c.cd.text_encoder)
+            ids, mask = tokenizer([prompt], max_length=c.data.max_text_len)
+            feats = TokenEmbedder(text_dim)(ids)
+        log.info("negative prompt %r: %d tokens", prompt, int(mask.sum()))
+        return feats.float().to(self.device), mask.to(self.device)
 
     def load_or_build_backbone(self, path: str | None, parallel: bool = True):
         from megatron_apt.models import build_mmdit, load_mmdit
@@ -232,6 +297,9 @@ class Trainer:
                              f"{meta.get('world_size')} ranks; this run has {fp['layout']} on {dist.get_world_size()}. "
                              "Resume needs the same layout (consolidate and start a new run to change it).")
         if old.get("shapes") != fp["shapes"]:
+            from megatron_apt.models.discriminator import check_head_layout
+
+            check_head_layout(old.get("shapes", {}).get("D", {}), f"checkpoint {path}")
             raise ValueError(f"checkpoint {path} was written by a model of another shape or kind; refusing to resume "
                              f"(use another run_dir, or the checkpoint tools to convert it)")
         f = path / f"rank{_rank():05d}.safetensors"
