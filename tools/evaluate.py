@@ -75,6 +75,8 @@ def parse_args(argv=None):
                                        "--quickstart, else OUT/cache)")
     p.add_argument("--no-toy-metrics", action="store_true", help="skip the toy metrics (real models and data)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--negative-prompt", default="", help="the unconditional prompt of the diffusion baseline's "
+                   "classifier-free guidance (the CD teacher's fixed negative prompt); empty = the null text")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--text-encoder", default="bytes", help="text encoder or tokenizer directory, or 'bytes'")
     p.add_argument("--vae", default="none", help="diffusers VAE directory, or 'none' for a pixel-space model")
@@ -180,6 +182,7 @@ def evaluate_set(a, real_spec: str, specs, label: str, cache_dir: Path, n: int, 
         videos, secs = te.generate_set(spec, prompts, frames, h, w, seed=a.seed, batch_size=a.batch_size,
                                        text=a.text_encoder, vae=a.vae, device=device, dtype=dtype,
                                        max_text_len=a.max_text_len, on_batch=on_batch if acc else None,
+                                       negative_prompt=a.negative_prompt,
                                        keep=None if toy else 8)
         m = {"path": spec.path, "kind": spec.kind, "steps": spec.steps, "cfg": spec.cfg, "seconds_per_sample": secs}
         if evaluator is not None:

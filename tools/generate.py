@@ -37,6 +37,12 @@ def parse_args(argv=None):
     p.add_argument("--fps", type=float, default=24.0)
     p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one-step generation)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (diffusion baseline)")
+    p.add_argument("--negative-prompt", default="", help="the unconditional prompt of classifier-free guidance "
+                   "(the fixed negative prompt the model was distilled with); empty = the null text")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift of multi-step diffusion sampling "
+                   "(default: the one the model was trained with, recorded in its directory)")
+    p.add_argument("--timesteps", default=None, help="comma-separated timesteps from 1 to 0 (overrides --steps), "
+                   "e.g. 1,0.5,0: a generator's two-step inference re-noising its first prediction to t = 0.5")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, one sample per prompt per seed")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -73,6 +79,15 @@ def main(argv=None) -> int:
             raise ValueError(f"--resolution must look like 1280x720, got {a.resolution!r}") from None
         if a.steps < 1:
             raise ValueError("--steps must be >= 1")
+        timesteps = None
+        if a.timesteps:
+            from megatron_apt.inference.sampling import check_timesteps
+
+            try:
+                timesteps = check_timesteps(float(t) for t in a.timesteps.split(","))
+            except ValueError:
+                raise ValueError(f"--timesteps must decrease from 1 to 0, e.g. 1,0.5,0; got {a.timesteps!r}") from None
+            a.steps = len(timesteps) - 1
         device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         dims = None
@@ -88,7 +103,9 @@ def main(argv=None) -> int:
                 device = torch.device("cuda", torch.cuda.current_device())
         compile_ = a.compile == "on" or (a.compile == "auto" and device.type == "cuda")
         gen = Generator(a.model, text=a.text_encoder, vae=a.vae, device=device, dtype=dtype, parallel_dims=dims,
-                        compile=compile_)
+                        compile=compile_, shift=a.shift)
+        if a.cfg != 1.0 and gen.kind != "diffusion":
+            raise ValueError(f"--cfg {a.cfg:g}: a {gen.kind} model samples without classifier-free guidance")
         frames = a.frames
         if frames is None:
             frames = max(1, round(a.seconds * a.fps))
@@ -113,7 +130,7 @@ def main(argv=None) -> int:
         for seed in sorted({s for _, s in chunk}):
             ps = [p for p, s in chunk if s == seed]
             v = gen.generate(ps, frames=frames, height=h, width=w, seed=seed + i, steps=a.steps, cfg_scale=a.cfg,
-                             tile_vae=tile, timings=timings)
+                             tile_vae=tile, timings=timings, negative_prompt=a.negative_prompt, timesteps=timesteps)
             for p, vid in zip(ps, v):
                 videos.append(vid.cpu())
                 names.append((p, seed))
@@ -126,7 +143,8 @@ def main(argv=None) -> int:
             else:
                 save_grid(vid[None], out / f"{stem}.png", scale=a.grid_scale)
         save_grid(torch.stack(videos), out / "grid.png", scale=a.grid_scale)
-        rec = {"model": a.model, "steps": a.steps, "cfg": a.cfg, "samples": len(videos), "frames": frames,
+        rec = {"model": a.model, "steps": a.steps, "cfg": a.cfg, "negative_prompt": a.negative_prompt,
+               "timesteps": timesteps, "shift": gen.shift, "samples": len(videos), "frames": frames,
                "resolution": [w, h], "text_s": timings.text, "dit_s": timings.dit, "vae_s": timings.vae,
                "total_s": timings.total, "device": str(device), "dtype": str(dtype)}
         (out / "timings.json").write_text(json.dumps(rec, indent=2) + "\n")

@@ -144,6 +144,8 @@ class Generator:
     def timesteps(self, steps: int, latent_shape) -> list[float]:
         """t_0 = 1 > t_1 > ... > t_steps = 0: uniform, shifted for diffusion models (Eq. 7's shift, as in
         flow-matching training) so that the sampler spends its steps where the model was trained to."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
         if self.kind == "diffusion" and steps > 1:
             s = self.shift_for(latent_shape)
@@ -151,31 +153,41 @@ class Generator:
         return t.tolist()
 
     @torch.no_grad()
-    def sample_latents(self, z, text, mask, steps: int = 1, cfg_scale: float = 1.0, timesteps=None):
-        """Euler sampling from t = 1 to 0 (steps = 1 for the one-step generator). cfg_scale > 1 adds
-        classifier-free guidance against the null text (for the diffusion baseline)."""
-        if timesteps is None:
-            timesteps = self.timesteps(steps, z.shape)
-        x = z
-        for a, b in zip(timesteps, timesteps[1:]):
-            v = self.velocity(x, a, text, mask)
+    def sample_latents(self, z, text, mask, steps: int = 1, cfg_scale: float = 1.0, timesteps=None,
+                       negative=None, generator: torch.Generator | None = None):
+        """Diffusion models: Euler steps from t = 1 to 0, with classifier-free guidance (cfg_scale > 1)
+        against `negative` (an encoded negative prompt: features [1, L, D], mask [1, L]) or the null text.
+        Generator and consistency models: x0 prediction and re-noising at each step (1 step = the one-step
+        generator; `timesteps` [1, t, 0] sets the two-step's intermediate t)."""
+        from megatron_apt.inference.sampling import euler, renoise
+        from megatron_apt.models.conditioning import cfg_text_batch
+
+        ts = timesteps if timesteps is not None else self.timesteps(steps, z.shape)
+        if self.kind in ("generator", "consistency"):
             if cfg_scale != 1.0:
-                vu = self.velocity(x, a, torch.zeros_like(text), torch.zeros_like(mask))
-                v = vu + cfg_scale * (v - vu)
-            x = x + (b - a) * v
-        return x
+                raise ValueError(f"a {self.kind} model samples without classifier-free guidance (cfg 1)")
+            return renoise(lambda x, t: self.velocity(x, t, text, mask), z, ts, generator)
+        if cfg_scale != 1.0:
+            text2, mask2 = cfg_text_batch(text, mask, negative)
+            n = text.shape[0]
+            return euler(lambda x, t: self.velocity(x, t, text2[:n], mask2[:n]), z, ts, cfg_scale,
+                         lambda x, t: self.velocity(x, t, text2[n:], mask2[n:]))
+        return euler(lambda x, t: self.velocity(x, t, text, mask), z, ts)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, frames: int, height: int, width: int, seed: int = 0, steps: int = 1,
-                 cfg_scale: float = 1.0, tile_vae: bool = False, timings: Timings | None = None):
+                 cfg_scale: float = 1.0, tile_vae: bool = False, timings: Timings | None = None,
+                 negative_prompt: str = "", timesteps=None):
         t0 = time.perf_counter()
         text, mask = self.text(prompts)
+        negative = self.text([negative_prompt]) if negative_prompt and cfg_scale != 1.0 else None
         _sync(self.device)
         t1 = time.perf_counter()
         shape = self.latent_shape(frames, height, width)
         g = torch.Generator().manual_seed(seed)
         z = torch.randn((len(prompts), *shape), generator=g).to(self.device, self.dtype)
-        lat = self.sample_latents(z, text, mask, steps=steps, cfg_scale=cfg_scale)
+        lat = self.sample_latents(z, text, mask, steps=steps, cfg_scale=cfg_scale, timesteps=timesteps,
+                                  negative=negative, generator=g)
         _sync(self.device)
         t2 = time.perf_counter()
         video = self.vae.decode(lat, tile=tile_vae) if self.vae is not None else lat

@@ -689,7 +689,7 @@ def parse_model_spec(text: str) -> ModelSpec:
 def generate_set(spec: ModelSpec, prompts: Sequence[str], frames: int, height: int, width: int, *, seed: int = 0,
                  batch_size: int = 16, text: str = "bytes", vae: str = "none", device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_text_len: int = 512, on_batch=None,
-                 keep: int | None = None) -> tuple[torch.Tensor, float]:
+                 keep: int | None = None, negative_prompt: str = "") -> tuple[torch.Tensor, float]:
     """Videos [N, 3, T, H, W] in [-1, 1] for the prompts (batch b uses seed + b, so every model sees the
     same noise) and the seconds spent per sample. ``on_batch(videos, prompts)`` sees every batch;
     ``keep`` limits what is returned (and held in memory) to the first ``keep`` samples."""
@@ -701,7 +701,7 @@ def generate_set(spec: ModelSpec, prompts: Sequence[str], frames: int, height: i
         batch = list(prompts[i:i + batch_size])
         t0 = time.perf_counter()
         v = gen.generate(batch, frames=frames, height=height, width=width, seed=seed + b, steps=spec.steps,
-                         cfg_scale=spec.cfg).cpu()
+                         cfg_scale=spec.cfg, negative_prompt=negative_prompt).cpu()
         spent += time.perf_counter() - t0
         if on_batch is not None:
             on_batch(v, batch)
