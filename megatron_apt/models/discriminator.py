@@ -22,9 +22,18 @@ class OneStepGenerator(nn.Module):
     def config(self):
         return self.backbone.config
 
+    @staticmethod
+    def timestep(z):
+        """G always feeds the final timestep T (t = 1) to its backbone (§3.2)."""
+        return torch.ones(z.shape[0], device=z.device, dtype=z.dtype)
+
+    @staticmethod
+    def output(z, v):
+        """Eq. 5: the sample z - G-hat(z, c, T) from the backbone's velocity."""
+        return z - v
+
     def forward(self, z, text, text_mask=None, pooled=None):
-        t = torch.ones(z.shape[0], device=z.device, dtype=z.dtype)
-        return z - self.backbone(z, t, text, text_mask, pooled)
+        return self.output(z, self.backbone(z, self.timestep(z), text, text_mask, pooled))
 
 
 class HeadAttentionCore(nn.Module):
@@ -136,8 +145,10 @@ class Discriminator(nn.Module):
         for m in (mm for h in self.heads for mm in h.modules() if isinstance(mm, RMSNorm)):
             m.weight.fill_(1.0)
 
+    def logit(self, tokens):
+        """The heads' tokens [B, D] each, channel-concatenated, LayerNorm-ed and projected to a logit [B]."""
+        return self.proj(self.norm(torch.cat(tokens, dim=-1)))[:, 0]
+
     def forward(self, x, t, text, text_mask=None, pooled=None):
         feats = self.backbone(x, t, text, text_mask, pooled, features_at=self.head_layers)
-        tokens = [head(f) for head, f in zip(self.heads, feats)]
-        h = self.norm(torch.cat(tokens, dim=-1))
-        return self.proj(h)[:, 0]
+        return self.logit([head(f) for head, f in zip(self.heads, feats)])

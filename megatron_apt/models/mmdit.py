@@ -18,6 +18,7 @@ parallel ones.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -368,27 +369,75 @@ class MMDiT(nn.Module):
         out = self.seq_gather(out)
         return self.unpatchify(out, grid)
 
-    def forward(self, x, t, text, text_mask=None, pooled=None, *, features_at=None):
-        """Velocity v [B, C, T, H, W]. With `features_at` (1-based layer numbers) it returns instead the list
-        of visual token tensors [B, L(local), D] after those layers, and runs no block past the deepest."""
+    # ---- the forward in three parts: begin -> run_blocks -> finish ----------------------------------
+    # The whole model runs all three; a pipeline stage (parallel.pipeline) runs the parts it owns, carrying
+    # the state's tensors between stages and `resume`-ing it on the next.
+    def begin(self, x, t, text, text_mask=None, pooled=None) -> "BlockState":
+        """The state entering the first block: embeddings, conditioning, rotary tables, the key mask."""
         text, text_mask = drop_padded_text(text, text_mask)
         h, c, temb, cos, sin, grid = self.embed(x, t, text, text_mask, pooled)
         h, c, c_mask, cos, sin = self.seq_shard(h, c, text_mask, cos, sin)
-        key_mask = joint_key_mask(c_mask, grid)
         temb_act, x_shared, c_shared = self.conditioning(temb)
+        return BlockState(h, c, temb, temb_act, x_shared, c_shared, cos, sin, joint_key_mask(c_mask, grid), grid)
+
+    def resume(self, x, text, text_mask, h, c, temb, x_shared=None, c_shared=None) -> "BlockState":
+        """The state entering a later block from the tensors the earlier blocks produced (h, c, temb and the
+        shared adaLN vectors); what `begin` derives from the inputs alone is derived again."""
+        text, text_mask = drop_padded_text(text, text_mask)
+        pt, ph, pw = self.config.patch_size
+        grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+        cos, sin = self.position_tables(grid, x.device)
+        return BlockState(h, c, temb, F.silu(temb), x_shared, c_shared, cos, sin, joint_key_mask(text_mask, grid),
+                          grid)
+
+    def block(self, i: int) -> "MMDiTBlock":
+        """Block i (0-based); a pipeline stage keeps its blocks in a ModuleDict keyed by index."""
+        return self.blocks[str(i)] if isinstance(self.blocks, nn.ModuleDict) else self.blocks[i]
+
+    def run_blocks(self, state: "BlockState", indices, on_output=None) -> "BlockState":
+        """Blocks `indices` in order; on_output(i, h) sees the visual tokens after block i."""
+        for i in indices:
+            state.h, state.c = self.block(i)(state.h, state.c, state.temb_act, state.x_shared, state.c_shared,
+                                             state.cos, state.sin, state.key_mask)
+            if on_output is not None:
+                on_output(i, state.h)
+        return state
+
+    def finish(self, state: "BlockState"):
+        """The velocity from the state after the last block."""
+        return self.output(state.h, state.temb_act, state.grid)
+
+    def forward(self, x, t, text, text_mask=None, pooled=None, *, features_at=None):
+        """Velocity v [B, C, T, H, W]. With `features_at` (1-based layer numbers) it returns instead the list
+        of visual token tensors [B, L(local), D] after those layers, and runs no block past the deepest."""
         want = None
         if features_at is not None:
             want = sorted(set(int(i) for i in features_at))
             if not want or want[0] < 1 or want[-1] > len(self.blocks):
                 raise ValueError(f"features_at {features_at} must name layers in 1..{len(self.blocks)}")
+        state = self.begin(x, t, text, text_mask, pooled)
+        if want is None:
+            return self.finish(self.run_blocks(state, range(len(self.blocks))))
         feats = []
-        for i, block in enumerate(self.blocks):
-            h, c = block(h, c, temb_act, x_shared, c_shared, cos, sin, key_mask)
-            if want is not None and (i + 1) in want:
-                feats.append(h)
-                if i + 1 == want[-1]:
-                    return feats
-        return self.output(h, temb_act, grid)
+        self.run_blocks(state, range(want[-1]), lambda i, h: feats.append(h) if i + 1 in want else None)
+        return feats
+
+
+@dataclass
+class BlockState:
+    """What the blocks read and update: visual tokens h and text tokens c, the timestep embedding (and its
+    SiLU), the shared adaLN vectors (shared-adaLN presets), rotary tables, the joint key mask, the grid."""
+
+    h: torch.Tensor
+    c: torch.Tensor | None
+    temb: torch.Tensor
+    temb_act: torch.Tensor
+    x_shared: torch.Tensor | None
+    c_shared: torch.Tensor | None
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    key_mask: torch.Tensor | None
+    grid: tuple
 
 
 def drop_padded_text(text, text_mask):

@@ -70,7 +70,7 @@ def stage_layer_ranges(num_layers: int, pp: int, layers_per_stage: Iterable[int]
 # ------------------------------------------------------------------------------------------------------
 def _keep_stage_parts(backbone: MMDiT, blocks: Iterable[int], first: bool, last_head: bool) -> None:
     """Drop from `backbone` (in place) what this stage does not own."""
-    backbone.blocks = nn.ModuleDict({str(i): backbone.blocks[i] for i in blocks})
+    backbone.blocks = nn.ModuleDict({str(i): backbone.block(i) for i in blocks})
     if not first:
         for name in ("patch_embed", "t_embed", "pooled_embed", "text_embed", "x_mod", "c_mod"):
             if name in backbone._modules:
@@ -83,29 +83,37 @@ def _keep_stage_parts(backbone: MMDiT, blocks: Iterable[int], first: bool, last_
 
 class PipelineStage(nn.Module):
     """One pipeline stage of an MMDiT ("velocity": returns v), a one-step generator ("generator": returns
-    G(z) = z - v(z, 1)) or a discriminator ("discriminator": returns the logit [B]).
+    G(z), Eq. 5) or a discriminator ("discriminator": returns the logit [B]).
 
-    forward(x, t, text, text_mask, pooled) reads the activations of the previous stage from
-    `set_input_tensor` (megatron's convention) and returns the packed activations, or on the last stage
-    the model's output. Build it with `make_pipeline_stage`."""
+    The stage holds the model itself, cut down to the parts this stage owns, and runs the model's own parts:
+    `begin` on the first stage, `resume` on the others, `run_blocks` over its blocks, and on the last stage
+    `finish` (and the generator's `output`) or the discriminator's `logit` over its heads' tokens. What it
+    adds is the transport: forward(x, t, text, text_mask, pooled) reads the previous stage's activations
+    from `set_input_tensor` (megatron's convention) and returns them packed for the next stage. Build it
+    with `make_pipeline_stage`."""
 
-    def __init__(self, kind: str, backbone: MMDiT, stage: int, num_stages: int, blocks: range,
-                 heads: nn.ModuleDict | None = None, head_layers: list[int] | None = None,
-                 norm: nn.Module | None = None, proj: nn.Module | None = None):
+    def __init__(self, kind: str, model: nn.Module, stage: int, num_stages: int, blocks: range,
+                 head_layers: list[int] | None = None):
         super().__init__()
         self.kind = kind
-        self.backbone = backbone
+        self.model = model
         self.stage, self.num_stages = stage, num_stages
         self.block_ids = list(blocks)
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
         self.head_layers = list(head_layers or [])
-        if kind == "discriminator":
-            self.heads = heads
-            self.norm, self.proj = norm, proj
         self.input_tensor: torch.Tensor | None = None
-        self.shared_adaln = backbone.config.adaln == "shared"
+        self.shared_adaln = self.backbone.config.adaln == "shared"
 
-    # parameter names as in the full model: a bare MMDiT has no "backbone." prefix
+    @property
+    def backbone(self) -> MMDiT:
+        return self.model if self.kind == "velocity" else self.model.backbone
+
+    @property
+    def heads(self):
+        """The discriminator heads this stage owns (a ModuleDict keyed by head index), else None."""
+        return self.model.heads if self.kind == "discriminator" else None
+
+    # parameter names as in the full model
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         for n, p in super().named_parameters(prefix, recurse, remove_duplicate):
             yield (self._public(n), p)
@@ -119,12 +127,12 @@ class PipelineStage(nn.Module):
         return type(sd)((self._public(k), v) for k, v in sd.items())
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if self.kind == "velocity":
-            state_dict = {f"backbone.{k}": v for k, v in state_dict.items()}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict({f"model.{k}": v for k, v in state_dict.items()}, strict=strict,
+                                       assign=assign)
 
-    def _public(self, name: str) -> str:
-        return name[len("backbone."):] if self.kind == "velocity" and name.startswith("backbone.") else name
+    @staticmethod
+    def _public(name: str) -> str:
+        return name[len("model."):] if name.startswith("model.") else name
 
     @property
     def config(self):
@@ -133,14 +141,14 @@ class PipelineStage(nn.Module):
     def set_input_tensor(self, tensor) -> None:
         self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
-    # ---- packing ----
+    # ---- packing: one tensor per micro-batch travels between stages ----
     def _n_head_slots(self) -> int:
         return len(self.head_layers) if self.kind == "discriminator" else 0
 
-    def _pack(self, h, c, temb, x_shared, c_shared, head_tokens):
-        parts = [h, c, temb[:, None]]
+    def _pack(self, st, head_tokens):
+        parts = [st.h, st.c, st.temb[:, None]]
         if self.shared_adaln:
-            parts += [x_shared, c_shared]
+            parts += [st.x_shared, st.c_shared]
         parts += head_tokens
         return torch.cat([p.float() for p in parts], dim=1)
 
@@ -160,35 +168,32 @@ class PipelineStage(nn.Module):
     def forward(self, x, t, text, text_mask=None, pooled=None):
         bb = self.backbone
         if self.kind == "generator":
-            t = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
-        text, text_mask = drop_padded_text(text, text_mask)
-        grid = tuple(s // p for s, p in zip(x.shape[2:], bb.config.patch_size))
-        n_visual = grid[0] * grid[1] * grid[2]
+            t = self.model.timestep(x)
         if self.is_first:
-            h, c, temb, cos, sin, grid = bb.embed(x, t, text, text_mask, pooled)
-            _temb_act, x_shared, c_shared = bb.conditioning(temb)
-            head_tokens = [torch.zeros(x.shape[0], 1, h.shape[-1], device=h.device)] * self._n_head_slots()
+            st = bb.begin(x, t, text, text_mask, pooled)
+            head_tokens = [torch.zeros(x.shape[0], 1, st.h.shape[-1], device=st.h.device)] * self._n_head_slots()
         else:
             if self.input_tensor is None:
                 raise RuntimeError(f"pipeline stage {self.stage} has no input tensor (set_input_tensor)")
+            text_kept, _ = drop_padded_text(text, text_mask)
+            grid = [s // p for s, p in zip(x.shape[2:], bb.config.patch_size)]
             dtype = next(p for p in self.parameters()).dtype
-            h, c, temb, x_shared, c_shared, head_tokens = self._unpack(self.input_tensor, n_visual, text.shape[1],
-                                                                       dtype)
-            cos, sin = bb.position_tables(grid, x.device)
-        key_mask = joint_key_mask(text_mask, grid)
-        temb_act = F.silu(temb)
-        for i in self.block_ids:
-            h, c = bb.blocks[str(i)](h, c, temb_act, x_shared, c_shared, cos, sin, key_mask)
+            h, c, temb, x_shared, c_shared, head_tokens = self._unpack(self.input_tensor, grid[0] * grid[1] * grid[2],
+                                                                       text_kept.shape[1], dtype)
+            st = bb.resume(x, text, text_mask, h, c, temb, x_shared, c_shared)
+
+        def tap(i, h):  # a discriminator head on this stage reads the visual tokens of its layer
             if self.kind == "discriminator" and (i + 1) in self.head_layers:
                 j = self.head_layers.index(i + 1)
-                head_tokens[j] = self.heads[str(j)](h).float()[:, None]
+                head_tokens[j] = self.model.heads[str(j)](h).float()[:, None]
+
+        bb.run_blocks(st, self.block_ids, tap)
         if not self.is_last:
-            return self._pack(h, c, temb, x_shared, c_shared, head_tokens)
+            return self._pack(st, head_tokens)
         if self.kind == "discriminator":
-            z = self.norm(torch.cat([ht[:, 0] for ht in head_tokens], dim=-1))
-            return self.proj(z)[:, 0]
-        v = bb.output(h, temb_act, grid)
-        return x - v if self.kind == "generator" else v
+            return self.model.logit([ht[:, 0] for ht in head_tokens])
+        v = bb.finish(st)
+        return self.model.output(x, v) if self.kind == "generator" else v
 
 
 def make_pipeline_stage(model: nn.Module, stage: int, num_stages: int,
@@ -217,13 +222,14 @@ def make_pipeline_stage(model: nn.Module, stage: int, num_stages: int,
         # weights (the checkpoint keeps them, unchanged): the last stage carries them
         owned += list(range(depth, backbone.config.num_layers))
     _keep_stage_parts(backbone, owned, first, last_head=last)
+    head_layers = None
     if kind == "discriminator":
-        mine = {str(j): h for j, (layer, h) in enumerate(zip(model.head_layers, model.heads))
-                if (layer - 1) in ranges[stage]}
-        return PipelineStage(kind, backbone, stage, num_stages, ranges[stage], heads=nn.ModuleDict(mine),
-                             head_layers=list(model.head_layers), norm=model.norm if last else None,
-                             proj=model.proj if last else None)
-    return PipelineStage(kind, backbone, stage, num_stages, ranges[stage])
+        head_layers = list(model.head_layers)
+        model.heads = nn.ModuleDict({str(j): h for j, (layer, h) in enumerate(zip(model.head_layers, model.heads))
+                                     if (layer - 1) in ranges[stage]})
+        if not last:
+            model.norm = model.proj = None
+    return PipelineStage(kind, model, stage, num_stages, ranges[stage], head_layers)
 
 
 def load_pipeline_stage(kind: str, model_dir, stage: int, num_stages: int, *,

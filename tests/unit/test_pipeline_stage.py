@@ -36,7 +36,7 @@ def test_pipeline_stages_keep_full_model_names():
         assert names == whole
         if stages[0].kind == "discriminator":
             assert [sorted(st.heads) for st in stages] == [[], ["0"], ["1"], ["2"]]
-            assert stages[3].proj is not None and stages[0].proj is None
+            assert stages[3].model.proj is not None and stages[0].model.proj is None
         assert any(n.startswith("backbone.patch_embed") for n, _ in stages[0].named_parameters())
         assert not any(n.startswith("backbone.patch_embed") for n, _ in stages[1].named_parameters())
 
