@@ -51,7 +51,7 @@ SHARD_NAME = "model-tp{rank}-of-{tp}.safetensors"
 GENERATOR_KINDS = ("generator", "consistency")  # a consistency model at t = 1 is a one-step generator (Eq. 5)
 DIFFUSION_KINDS = ("diffusion",)
 MAX_FORWARD_PARAMS = 2_000_000_000  # --verify runs a CPU forward only below this size
-# the trainer builds fresh discriminator heads from torch.Generator().manual_seed(seed + 17) (methods/stages.py)
+# the trainer builds fresh discriminator heads from torch.Generator().manual_seed(seed + 17) (methods/adversarial.py)
 HEAD_SEED_OFFSET = 17
 DEFAULT_SEED = 1234  # TrainConfig.seed
 

@@ -1,4 +1,4 @@
-"""Exact global batches and per-sample randomness.
+"""Exact global batches.
 
 A configured global batch of N samples contains exactly N samples, whatever N, the data-parallel size
 and the micro-batch are (the paper's 9062 on 256 GPUs does not divide): data-parallel rank r takes
@@ -8,18 +8,14 @@ micro-step, because ZeRO-3 gathers parameters collectively). Each micro-batch's 
 dp / N, so that gradients averaged over the data-parallel x sequence-parallel group equal the gradient
 of the mean loss over the N samples.
 
-Noise, timesteps and dropout are drawn per sample from a generator seeded by (seed, step, purpose,
-global sample position), so the update does not depend on how samples are spread over ranks, and a
-resumed run draws exactly what an uninterrupted one would.
+Noise, timesteps and dropout are drawn per sample (`methods.randomness`), so the update does not depend on
+how the samples are spread over ranks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -64,29 +60,3 @@ def plan_batch(global_batch: int, dp: int, micro: int) -> BatchPlan:
                          f"needs at least one sample (use a global batch >= {dp} or fewer ranks)")
     counts = tuple(global_batch // dp + (1 if r < global_batch % dp else 0) for r in range(dp))
     return BatchPlan(global_batch, dp, micro, counts, math.ceil(max(counts) / micro))
-
-
-def sample_seed(seed: int, step: int, purpose: str, position: int) -> int:
-    h = hashlib.blake2b(f"{seed}/{step}/{purpose}/{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-def per_sample_randn(shape, seed: int, step: int, purpose: str, positions, device=None, dtype=torch.float32):
-    """One standard-normal tensor of `shape` per global sample position, stacked. On a CUDA device each
-    sample's tensor is drawn there, from a CUDA generator with the same per-sample seed (the values differ
-    from the CPU's, but not with the layout); elsewhere on the CPU."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    gen_dev = dev if dev.type == "cuda" else torch.device("cpu")
-    out = []
-    for pos in positions:
-        g = torch.Generator(device=gen_dev).manual_seed(sample_seed(seed, step, purpose, pos))
-        out.append(torch.randn(shape, generator=g, device=gen_dev))
-    return torch.stack(out).to(device=device, dtype=dtype)
-
-
-def per_sample_rand(seed: int, step: int, purpose: str, positions, device=None, dtype=torch.float32):
-    out = []
-    for pos in positions:
-        g = torch.Generator().manual_seed(sample_seed(seed, step, purpose, pos))
-        out.append(torch.rand((), generator=g, dtype=torch.float64))
-    return torch.stack(out).to(device=device, dtype=dtype)

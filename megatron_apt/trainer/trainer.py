@@ -2,7 +2,7 @@
 
 It owns the process groups, the exact-batch plan, the data order, checkpoints (atomic `step-N` folders,
 resume by rerunning the same command), telemetry (status line, metrics.jsonl, optional wandb) and the
-health guards (non-finite steps skipped, discriminator collapse detected). Stages (methods/stages.py) own
+health guards (non-finite steps skipped, discriminator collapse detected). Methods (megatron_apt.methods) own
 their models, engines and losses.
 """
 
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from megatron_apt.config.train import TrainConfig, config_to_dict, dump_config
 from megatron_apt.parallel import ParallelDims, init_distributed, initialize_model_parallel, parallelize_mmdit
 from megatron_apt.trainer.batching import plan_batch
-from megatron_apt.trainer.data import IndexedData, StepSampler, SyntheticData, collate
+from megatron_apt.data.loader import IndexedData, StepSampler, SyntheticData, collate
 from megatron_apt.utils import atomic_write, atomic_write_json, fsync_dir, get_logger
 
 log = get_logger("megatron_apt.trainer")
@@ -58,13 +58,19 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.data = self._build_data()
         self.sampler = StepSampler(self.data, cfg.global_batch, cfg.seed)
-        from megatron_apt.methods.stages import STAGE_CLASSES
+        from megatron_apt.methods import METHODS, MethodContext
+        from megatron_apt.parallel.execution import LocalExecutor, PipelineExecutor
 
         self.check_model_kinds()
         torch.manual_seed(cfg.seed)
         if cfg.parallel.engine == "pipeline":
-            from megatron_apt.methods.pipeline_stages import PIPELINE_STAGE_CLASSES as STAGE_CLASSES
-        self.stage = STAGE_CLASSES[cfg.stage](self)
+            dt = torch.bfloat16 if (cfg.precision == "bf16" and self.device.type == "cuda") else None
+            executor = PipelineExecutor(self.device, autocast_dtype=dt)
+        else:
+            executor = LocalExecutor()
+        self.method = METHODS[cfg.stage](MethodContext(
+            cfg=cfg, device=self.device, executor=executor, build=self.build_model, engine=self.make_engine,
+            loss_scale=self.plan.loss_scale(), global_mean=self.global_mean, encode_prompt=self.encode_prompt))
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.wandb = None
@@ -129,8 +135,7 @@ class Trainer:
         features, [1, L] mask) on the training device, or None for the empty prompt (the null text)."""
         if not prompt:
             return None
-        from megatron_apt.models.text_encoder import ByteTokenizer, load_text_encoder, load_tokenizer
-        from megatron_apt.trainer.data import TokenEmbedder
+        from megatron_apt.models.text_encoder import ByteTokenizer, TokenEmbedder, load_text_encoder, load_tokenizer
 
         c, text_dim = self.cfg, self._model_config().text_dim
         kind, tok = "ids", {"name": "byte"}
@@ -173,6 +178,32 @@ class Trainer:
         if parallel:
             self.parallelize(model)
         return model
+
+    def build_model(self, kind: str, path: str | None, *, dcfg=None, head_seed: int | None = None):
+        """The model a method trains or reads, for this rank's layout: "velocity" (an MMDiT; path None = a
+        fresh one from the seed), "generator" (Eq. 5 around a G-hat directory) or "discriminator" (the
+        directory's weights plus heads drawn from head_seed, §3.3); whole and parallelised, or this rank's
+        pipeline stage of it (read stage-only from the directory)."""
+        from megatron_apt.models.discriminator import Discriminator, OneStepGenerator
+
+        if self.cfg.parallel.engine == "pipeline":
+            from megatron_apt.parallel.pipeline import load_pipeline_stage, make_pipeline_stage
+
+            pp_rank, pp = self.ps.get_pipeline_model_parallel_rank(), self.dims.pp
+            layers = None if kind == "discriminator" else self.cfg.parallel.pipeline_layers
+            if path is None:  # from scratch: the whole model is initialised (same weights on any layout), then cut
+                return make_pipeline_stage(self.load_or_build_backbone(None), pp_rank, pp, layers)
+            st = load_pipeline_stage(kind, path, pp_rank, pp, layers_per_stage=layers, discriminator_config=dcfg,
+                                     head_seed=head_seed, device=self.device)
+            self.parallelize(st, extra_blocks=list(st.heads.values()) if kind == "discriminator" else ())
+            return st
+        if kind == "velocity":
+            return self.load_or_build_backbone(path)
+        if kind == "generator":
+            return self.parallelize(OneStepGenerator(self.load_or_build_backbone(path, parallel=False)))
+        D = Discriminator(self.load_or_build_backbone(path, parallel=False), dcfg)
+        D.init_heads(generator=torch.Generator().manual_seed(head_seed))
+        return self.parallelize(D, extra_blocks=list(D.heads))
 
     def parallelize(self, module, extra_blocks=()):
         return parallelize_mmdit(module, self.dims, activation_checkpointing=self.cfg.parallel.activation_checkpointing,
@@ -222,7 +253,7 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
         shapes = {}
-        for name, eng in self.stage.engines().items():
+        for name, eng in self.method.engines().items():
             # ZeRO-3 leaves placeholders in p.shape; ds_shape is the real (tensor-parallel local) shape
             shapes[name] = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in eng.module.named_parameters()}
         return {"stage": self.cfg.stage, "layout": [self.dims.tp, self.dims.sp, self.dims.dp, self.dims.pp],
@@ -244,7 +275,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         _barrier()
         tensors = {}
-        for ename, eng in self.stage.engines().items():
+        for ename, eng in self.method.engines().items():
             for k, v in eng.state_tensors().items():
                 tensors[f"{ename}.{k}"] = v.detach().cpu().contiguous()
             if eng.kind == "deepspeed":  # ZeRO-3 state holds no buffers (e.g. SD3's sin-cos table)
@@ -255,12 +286,12 @@ class Trainer:
         layout = {"rank": _rank(), "tp_rank": self.ps.get_tensor_model_parallel_rank(),
                   "pp_rank": self.ps.get_pipeline_model_parallel_rank(),
                   "zero_rank": self.ps.get_data_parallel_rank(with_context_parallel=True),
-                  "engines": {n: e.layout() for n, e in self.stage.engines().items()}}
+                  "engines": {n: e.layout() for n, e in self.method.engines().items()}}
         atomic_write_json(tmp / f"rank{_rank():05d}.json", layout)
         _barrier()
         if _rank() == 0:
             models = {}
-            for n, e in self.stage.engines().items():
+            for n, e in self.method.engines().items():
                 mod = e.module.backbone if hasattr(e.module, "backbone") else e.module
                 models[n] = {"model": mod.config.to_dict(),
                              "head_layers": list(getattr(e.module, "head_layers", [])) or None,
@@ -306,7 +337,7 @@ class Trainer:
         if not f.is_file():
             raise FileNotFoundError(f"checkpoint {path} has no shard for rank {_rank()} ({f.name})")
         tensors = load_file(str(f), device=str(self.device))
-        for ename, eng in self.stage.engines().items():
+        for ename, eng in self.method.engines().items():
             pre = f"{ename}."
             eng.load_state_tensors({k[len(pre):]: v for k, v in tensors.items()
                                     if k.startswith(pre) and not k.startswith(pre + "buffer.")})
@@ -362,7 +393,7 @@ class Trainer:
             log.info("%s", self.describe())
         self._init_wandb()
         x_shape = None
-        from megatron_apt.metrics.flops import peak_flops
+        from megatron_apt.models.flops import peak_flops
 
         peak = peak_flops(self.device) or float("nan")  # datasheet bf16 dense; unknown (CPU) -> MFU not shown
         while self.step < c.steps:
@@ -370,16 +401,16 @@ class Trainer:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             if c.optim.warmup_steps > 0 or c.optim.schedule != "constant":
-                for eng in self.stage.engines().values():
+                for eng in self.method.engines().values():
                     eng.set_lr(self.lr_at(eng.base_lr))
             mbs = self.micro_batches(self.step)
             x_shape = tuple(mbs[0]["x"].shape[1:])
             text_len = mbs[0]["text"].shape[1]
-            metrics = self.stage.train_step(self.step, mbs)
+            metrics = self.method.train_step(self.step, mbs)
             self.step += 1
             dt = time.perf_counter() - t0
             finite = all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss"))
-            flops = self.stage.model_flops(x_shape, text_len) * c.global_batch
+            flops = self.method.model_flops(x_shape, text_len) * c.global_batch
             world = dist.get_world_size()
             rec = {"step": self.step, **{k: float(v) for k, v in metrics.items()}, "step_time_s": dt,
                    "samples_per_s": c.global_batch / dt, "tflops": flops / dt / 1e12 / world if math.isfinite(flops) else float("nan"),
@@ -447,7 +478,7 @@ class Trainer:
         from megatron_apt.models.io import save_state_dir
 
         out = self.run_dir / "export"
-        engines = self.stage.engines()
+        engines = self.method.engines()
         if self.dims.pp > 1:
             self._export_from_checkpoint(out)
             return
@@ -508,19 +539,8 @@ class Trainer:
         mbs = self.micro_batches(0)
         mb = mbs[0]
         z = torch.randn(mb["x"].shape, generator=torch.Generator().manual_seed(self.cfg.seed)).to(mb["x"])
-        eng = self.stage.engines().get("G")
-        if hasattr(self.stage, "sample"):  # pipeline: the last stage holds the samples
-            x = self.stage.sample(z, mb["text"], mb["text_mask"])
-            if x is not None and self.dp_rank == 0 and self.ps.get_tensor_model_parallel_rank() == 0:
-                save_grid(x.float().cpu(), self.run_dir / "samples" / f"step-{self.step:08d}.png")
-            return
-        if eng is not None:
-            x = eng(z, mb["text"], mb["text_mask"])
-        else:
-            m = self.stage.engines()["model"]
-            t = torch.ones(z.shape[0], device=z.device, dtype=z.dtype)
-            x = z - m(z, t, mb["text"], mb["text_mask"])
-        if _rank() == 0:
+        x = self.method.sample(z, mb["text"], mb["text_mask"])
+        if x is not None and self.dp_rank == 0 and self.ps.get_tensor_model_parallel_rank() == 0:
             save_grid(x.float().cpu(), self.run_dir / "samples" / f"step-{self.step:08d}.png")
 
 

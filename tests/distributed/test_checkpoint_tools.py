@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_apt.testing import run_tool, save_debug_models, tree_hash
+from tests.helpers.ranks import run_tool, save_debug_models, tree_hash
 import torch
 from safetensors.torch import load_file
 
-from megatron_apt.testing import run_distributed
+from tests.helpers.ranks import run_distributed
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -53,7 +53,7 @@ def _probe(trainer):
     """The runtime model's outputs on the tools' probe inputs (all ranks take part: ZeRO-3 gathers)."""
     from megatron_apt.checkpoint.convert import probe_inputs
 
-    engines = trainer.stage.engines()
+    engines = trainer.method.engines()
     out = {}
     with torch.no_grad():
         if "G" in engines:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_apt.testing import run_distributed, save_debug_models, train_worker
+from tests.helpers.ranks import run_distributed, save_debug_models, train_worker
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -119,7 +119,7 @@ def _apt_g_step_follows_d(rank, world, base, run):
                    f"model.init={base}/cd", f"model.teacher={base}/diff", "steps=1", "global_batch=16",
                    "micro_batch=16", "optim.lr=1e-4", f"run_dir={run}", "data.synthetic_size=64"]
     tr = Trainer(load_config(None, ov))
-    st = tr.stage
+    st = tr.method
     mbs = tr.micro_batches(0)
     z, t = st.g_draws(mbs[0], 0)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_apt.testing import run_tool, save_debug_models, tree_hash
+from tests.helpers.ranks import run_tool, save_debug_models, tree_hash
 import torch
 from safetensors.torch import load_file
 
@@ -96,7 +96,7 @@ def test_make_apt_init(dirs, tmp_path, capsys):
     assert d.head_layers == (2, 4)
     meta = json.loads((out / "discriminator" / "config.json").read_text())
     assert meta["kind"] == "discriminator" and meta["head_layers"] == [2, 4]
-    # the heads are drawn as the APT stage draws them for a run with seed 7 (methods/stages.py)
+    # the heads are drawn as the APT stage draws them for a run with seed 7 (methods/adversarial.py)
     ref = Discriminator(build_mmdit("debug", seed=0), DiscriminatorConfig(head_layers=(2, 4)))
     ref.init_heads(generator=torch.Generator().manual_seed(7 + 17))
     got = d.state_dict()

@@ -14,7 +14,7 @@ from megatron_apt.models import Discriminator, build_mmdit
 from megatron_apt.models.attention import RMSNorm
 from megatron_apt.models.conditioning import cfg_text_batch
 from megatron_apt.models.discriminator import CrossAttentionHead, check_head_layout
-from megatron_apt.testing import run_distributed, save_debug_models
+from tests.helpers.ranks import run_distributed, save_debug_models
 from megatron_apt.trainer.engines import make_optimizer
 
 SMALL = ["data.synthetic=true", "data.synthetic_shape=[4,1,8,8]", "data.synthetic_size=8", "precision=fp32",
@@ -149,14 +149,14 @@ def test_two_step_renoises_the_first_prediction_by_hand():
 
 # ---- consistency distillation (§3.2) through the trainer ------------------------------------------------
 def _cd_worker(rank, world, base, run, negative):
-    from megatron_apt.trainer.data import TokenEmbedder
+    from megatron_apt.models.text_encoder import TokenEmbedder
     from megatron_apt.models.text_encoder import ByteTokenizer
     from megatron_apt.trainer.trainer import Trainer
 
     cfg = load_config(None, SMALL + ["stage=cd", f"model.init={base}/diff", f"run_dir={run}", "cd.num_steps=4",
                                      "cd.shift=1", f"cd.negative_prompt={negative}"])
     tr = Trainer(cfg)
-    st = tr.stage
+    st = tr.method
     out = {}
     if negative:
         ids, m = ByteTokenizer()([negative])
@@ -167,15 +167,15 @@ def _cd_worker(rank, world, base, run, negative):
     xt = torch.randn(mb["x"].shape, generator=g)
     tn, tp = torch.tensor([0.75, 0.5]), torch.tensor([0.5, 0.25])
     text, mask = mb["text"], mb["text_mask"]
-    out["target"] = st.cd_target(xt, tn, tp, text, mask)
+    out["target"] = st.cd_targets([(xt, tn, tp)], [mb])[0]
     # by hand: conditional and unconditional teacher velocities, CFG 7.5, Euler t_n -> t_{n-1}, EMA target f
     with torch.no_grad():
-        vc = st.teacher(xt, tn, text, mask)
+        vc = st.teacher.module(xt, tn, text, mask)
         if negative:
             nt = st.negative[0].expand(2, -1, -1)
-            vu = st.teacher(xt, tn, nt, st.negative[1].expand(2, -1))
+            vu = st.teacher.module(xt, tn, nt, st.negative[1].expand(2, -1))
         else:
-            vu = st.teacher(xt, tn, torch.zeros_like(text), torch.zeros_like(mask))
+            vu = st.teacher.module(xt, tn, torch.zeros_like(text), torch.zeros_like(mask))
         v = vu + 7.5 * (vc - vu)
         xp = xt + (tp - tn).view(-1, 1, 1, 1, 1) * v
         ema = build_mmdit("debug", zero_init=False, seed=1)  # the target starts as the student's init
@@ -218,7 +218,7 @@ def _apt_worker(rank, world, base, run, init, teacher):
         tr = Trainer(cfg)
     except ValueError as e:
         return {"error": str(e)}
-    st = tr.stage
+    st = tr.method
     from megatron_apt.models.io import load_mmdit
 
     ghat, diff = load_mmdit(init).state_dict(), load_mmdit(teacher).state_dict()

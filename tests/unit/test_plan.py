@@ -3,7 +3,7 @@
 Exact: parameter counts; per-rank bytes of ZeRO-3 parameter shards, parameters kept whole, gradient shards,
 reduce buckets, fp32 master weights, RMSprop state and the EMA, compared with DeepSpeed's own buffers after
 one APT update of the `debug` model on 2 gloo ranks (ZeRO over 2 ranks; tensor parallel 2) and with the
-plain torch engine's tensors; the batch arithmetic; FLOPs against metrics.flops.
+plain torch engine's tensors; the batch arithmetic; FLOPs against models.flops.
 Loose: the activation model, checked only against the one measured peak we have (2b APT step on one H200,
 58.2 GiB); nothing checks it at 8b scale.
 """
@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from megatron_apt import planning as P
-from megatron_apt.testing import run_distributed, save_debug_models
+from megatron_apt.config.model import DiscriminatorConfig, get_model_config
+from tests.helpers.ranks import run_distributed, save_debug_models
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _debug_request(**kw):
-    cfg = P.get_model_config("debug")
+    cfg = get_model_config("debug")
     base = dict(stage="apt_image", preset="debug", world=2, global_batch=2, micro_batch=1, precision="fp32",
                 sample=P.image_sample(cfg, 16, 8))
     base.update(kw)
@@ -30,7 +31,7 @@ def _debug_request(**kw):
 
 # ---- shapes, counts, batch ----------------------------------------------------------------------------
 def test_real_sequence_lengths():
-    cfg = P.get_model_config("8b")
+    cfg = get_model_config("8b")
     img = P.image_sample(cfg)
     assert img.latent == (16, 1, 128, 128) and img.n_visual == 4096 and img.n_text == 512
     vid = P.video_sample(cfg)
@@ -66,7 +67,7 @@ def test_paper_batch_arithmetic():
 
 
 def test_step_flops_agree_with_metrics_flops():
-    from megatron_apt.metrics.flops import apt_step_flops, consistency_step_flops, flow_matching_step_flops
+    from megatron_apt.models.flops import apt_step_flops, consistency_step_flops, flow_matching_step_flops
 
     for stage, fn in (("apt_video", apt_step_flops), ("flow", flow_matching_step_flops)):
         plan = P.make_plan(P.PlanRequest(stage=stage, world=8, global_batch=8, optimizer="rmsprop"))
@@ -125,9 +126,9 @@ def _measure(rank, world, base, run, layouts):
                                  "data.synthetic_text_len=8", "precision=fp32", "steps=1", "global_batch=2",
                                  "micro_batch=1", "parallel.engine=deepspeed", f"run_dir={run}/{i}", *extra])
         t = Trainer(cfg)
-        t.stage.train_step(0, t.micro_batches(0))  # optimizer state exists after one update
+        t.method.train_step(0, t.micro_batches(0))  # optimizer state exists after one update
         res = {}
-        for name, eng in t.stage.engines().items():
+        for name, eng in t.method.engines().items():
             z = eng.engine.optimizer
 
             def nbytes(ts):
@@ -224,7 +225,7 @@ def test_activation_model_against_the_measured_2b_step():
     and D, no EMA, micro-batch 1, 46,800 + 512 tokens, activation checkpointing) peaked at 58.2 GiB
     allocated on one H200. The planner's allocated estimate (no CUDA context or fragmentation allowance,
     which max_memory_allocated does not see) must be close and not below it."""
-    cfg = P.get_model_config("2b")
+    cfg = get_model_config("2b")
     plan = P.make_plan(P.PlanRequest(stage="apt_video", preset="2b", world=1, global_batch=1, engine="torch",
                                      ema=False, sample=P.video_sample(cfg)))
     allocated = (plan.memory.static_bytes + plan.memory.peak_phase.bytes) / P.GIB
@@ -243,8 +244,8 @@ def test_pipeline_stage_counts_sum_to_the_networks():
     tensor-parallel-local parameter is counted once, D's carried never-run output head included."""
     plan = P.make_plan(_pipe_request(world=64, tp=2, pp=4, global_batch=64))
     assert plan.dims.pp == 4 and plan.dims.dp == 8 and len(plan.stages) == 4
-    cfg = P.get_model_config("8b")
-    whole = P.build_networks("apt_image", cfg, P.DiscriminatorConfig())
+    cfg = get_model_config("8b")
+    whole = P.build_networks("apt_image", cfg, DiscriminatorConfig())
     for net in ("G", "D"):
         ref = P.count_network(whole[net], net, 2, 1, 0)
         assert sum(st.nets[net].local for st in plan.stages) == ref.local == plan.nets[net].local
@@ -254,9 +255,9 @@ def test_pipeline_stage_counts_sum_to_the_networks():
     # G's 36 blocks and D's blocks up to its deepest head, each split evenly and in order
     assert [list(st.blocks["G"]) for st in plan.stages] == [list(range(9 * s, 9 * s + 9)) for s in range(4)]
     assert [b for st in plan.stages for b in st.blocks["D"]] == list(range(max(whole["D"].head_layers)))
-    # the stage FLOPs add up to the pass FLOPs: model FLOPs as metrics.flops counts them, hardware FLOPs plus
+    # the stage FLOPs add up to the pass FLOPs: model FLOPs as models.flops counts them, hardware FLOPs plus
     # the generator step's extra G forward that only the pipeline layout runs
-    from megatron_apt.metrics.flops import apt_step_flops, mmdit_forward_flops
+    from megatron_apt.models.flops import apt_step_flops, mmdit_forward_flops
 
     ref = apt_step_flops("8b", 1, 4096, 512)
     assert plan.time.flops_model_per_sample == pytest.approx(ref.model, rel=1e-12)
