@@ -10,7 +10,7 @@
                     peak memory. Plain torch optimizers: this measures the model math, not the DeepSpeed
                     engines of the trainer.
 
-Every model has random weights (nothing is downloaded). Model FLOPs come from megatron_apt.metrics.flops.
+Every model has random weights (nothing is downloaded). Model FLOPs come from megatron_apt.models.flops.
 --smoke shrinks everything (debug preset, a tiny latent, tiny UMT5 and Wan VAE configs) so both modes run
 on a CPU in seconds.
 
@@ -39,7 +39,7 @@ import _bootstrap  # noqa: F401
 import torch
 import torch.nn.functional as F
 
-from megatron_apt.metrics import flops as mf
+from megatron_apt.models import flops as mf
 
 # ------------------------------------------------------------------------------------------------------
 # fixed shapes

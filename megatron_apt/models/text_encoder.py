@@ -58,6 +58,20 @@ class ByteTokenizer:
         return {"name": self.name, "vocab_size": self.vocab_size, "pad_id": self.pad_id}
 
 
+class TokenEmbedder:
+    """Text stored as token ids (preprocessing without a text encoder) becomes features through a frozen,
+    seeded embedding table: a deterministic stand-in for a text encoder on the embedded default. The table
+    depends only on (dim, vocab, seed), fixed here, so training and generation always agree."""
+
+    def __init__(self, dim: int, vocab: int = 1 << 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(vocab, dim, generator=g) / dim**0.5
+        self.vocab = vocab
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids.long().clamp(0, self.vocab - 1)]
+
+
 class HFTokenizer:
     """A transformers tokenizer behind the same small interface as :class:`ByteTokenizer`.
 

@@ -1,4 +1,4 @@
-"""Analytic FLOP counts (megatron_apt.metrics.flops) against a brute-force count of the real models.
+"""Analytic FLOP counts (megatron_apt.models.flops) against a brute-force count of the real models.
 
 The brute force is `torch.utils.flop_counter.FlopCounterMode`, which counts matrix products (mm, addmm, bmm)
 as 2 m n k and SDPA as 4 B H Lq Lk Dh forward / 2x that backward, exactly the analytic conventions; both
@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from megatron_apt.config import DiscriminatorConfig
 from megatron_apt.config.model import get_model_config
 from megatron_apt.methods.apt import APTConfig, discriminator_loss, generator_loss
-from megatron_apt.metrics import flops as mf
+from megatron_apt.models import flops as mf
 from megatron_apt.models import Discriminator, OneStepGenerator, build_mmdit
 from megatron_apt.parallel import ParallelDims, parallelize_mmdit
 
