@@ -4,11 +4,11 @@
 Everything is synthesized on the spot; nothing is downloaded.
 
     # CPU, toy data (512 moving-digit videos, 32x32, 16 frames): pixels + byte ids, and tiny VAE + tiny UMT5
-    python benchmarks/bench_preprocess.py
+    python -m benchmarks.bench_preprocess      # from the repository root (it borrows the tests' tiny models)
 
     # GPU: 720p 2 s clips (49 frames at 24 fps) through a Wan2.1-shaped AutoencoderKLWan (default config,
     # random weights, bf16), from synthetic 720p h264 videos
-    python benchmarks/bench_preprocess.py --case wan720p --device cuda --videos 16
+    python -m benchmarks.bench_preprocess --case wan720p --device cuda --videos 16
 
 Each case runs the real job (listing, decode workers, encoding, part files, shard merge) through
 ``megatron_apt.data.preprocess.process`` and reports wall-clock rates, which include model loading
@@ -60,7 +60,7 @@ def _report(name: str, stats, wall: float, note: str = "") -> dict:
 
 
 def bench_toy(args, work: Path) -> list[dict]:
-    from megatron_apt.data.testing import make_tiny_text_encoder, make_tiny_wan_vae
+    from tests.helpers.fixtures import make_tiny_text_encoder, make_tiny_wan_vae
     from megatron_apt.data.toy import make_toy_dataset
 
     t0 = time.perf_counter()
@@ -86,7 +86,7 @@ def bench_toy(args, work: Path) -> list[dict]:
 
 def _synth_720p(path: Path, seconds: float, fps: int, seed: int) -> None:
     """A 1280x720 h264 video with moving colour gradients and noise (so it does not compress to nothing)."""
-    from megatron_apt.data.testing import write_video
+    from tests.helpers.fixtures import write_video
 
     n = int(round(seconds * fps))
     rng = np.random.default_rng(seed)

@@ -95,3 +95,11 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sample_seed(seed: int, step: int, purpose: str, position: int) -> int:
+    """A 63-bit seed of (seed, step, purpose, position): per-sample randomness and data order."""
+    import hashlib
+
+    h = hashlib.blake2b(f"{seed}/{step}/{purpose}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)

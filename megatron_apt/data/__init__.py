@@ -5,7 +5,7 @@ Modules (imported lazily, so that importing ``megatron_apt.data`` stays cheap):
   indexed     the on-disk format (manifest + one Megatron .bin/.idx pair per field), merge, verify
   preprocess  the preprocessing job behind ``tools/preprocess_video.py``
   dataset     ``LatentVideoDataset`` and ``collate_video_text``
-  sampler     ``DistributedBucketSampler``: deterministic, data-parallel, one shape per micro-batch
+  loader      what the trainer reads: indexed or synthetic samples, the step-indexed sampler, collation
   toy         the moving-digits toy data set behind ``tools/make_toy_dataset.py``
 """
 
@@ -17,7 +17,6 @@ from typing import Any
 _EXPORTS = {
     "LatentVideoDataset": "dataset",
     "collate_video_text": "dataset",
-    "DistributedBucketSampler": "sampler",
     "make_toy_dataset": "toy",
     "ToyConfig": "toy",
     "verify_dataset": "indexed",

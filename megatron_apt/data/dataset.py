@@ -3,8 +3,9 @@
 Typical use::
 
     ds = LatentVideoDataset("data/toy_latents/train")
-    sampler = DistributedBucketSampler(ds.bucket_keys(), micro_batch_size=8, dp_rank=rank, dp_size=world)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_video_text, num_workers=4)
+    sample = ds[0]          # {"latents" or "pixels", "text", "caption", "meta", ...}
+
+The trainer reads it through `megatron_apt.data.loader` (exact global batches, one shape per step).
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def collate_video_text(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     shapes = {tuple(b[media_key].shape) for b in batch}
     if len(shapes) > 1:
         raise ValueError(
-            f"a micro-batch mixes {media_key} shapes {sorted(shapes)}; batch with DistributedBucketSampler "
+            f"a micro-batch mixes {media_key} shapes {sorted(shapes)}; batch one shape at a time (megatron_apt.data.loader.StepSampler) "
             "(one shape per micro-batch)"
         )
     out: dict[str, Any] = {media_key: torch.stack([b[media_key] for b in batch])}

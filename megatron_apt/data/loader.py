@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_apt.trainer.batching import sample_seed
+from megatron_apt.utils import sample_seed
+from megatron_apt.models.text_encoder import TokenEmbedder
 
 
 class SyntheticData:
@@ -29,20 +30,6 @@ class SyntheticData:
         n = 1 + int(torch.randint(0, self.text_len, (1,), generator=g))
         text = torch.randn(n, self.text_dim, generator=g)
         return {"x": x, "text": text}
-
-
-class TokenEmbedder:
-    """Text stored as token ids (preprocessing without a text encoder) becomes features through a frozen,
-    seeded embedding table: a deterministic stand-in for a text encoder on the embedded default. The table
-    depends only on (dim, vocab, seed), fixed here, so training and generation always agree."""
-
-    def __init__(self, dim: int, vocab: int = 1 << 16, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.table = torch.randn(vocab, dim, generator=g) / dim**0.5
-        self.vocab = vocab
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table[ids.long().clamp(0, self.vocab - 1)]
 
 
 class IndexedData:

@@ -62,7 +62,7 @@ class TextConditioner:
 
                 self.tokenizer = load_tokenizer(str(p))
         if self.encoder is None:
-            from megatron_apt.trainer.data import TokenEmbedder
+            from megatron_apt.models.text_encoder import TokenEmbedder
 
             self.embed = TokenEmbedder(text_dim)
 

@@ -21,7 +21,7 @@ Composition. APT's generator step needs dL/d(fake) through D before G's backward
 the same stages, so the step runs G forward-only, moves the fakes from the last stage to the first, runs
 D forward and backward (D frozen) to get dL/d(fake) on the first stage, moves it back to the last stage,
 and runs G forward and backward with the surrogate loss <fake, dL/dfake>, whose parameter gradient is
-exactly dL/dG. The price is one extra G forward per generator step (`metrics.flops` counts model FLOPs
+exactly dL/dG. The price is one extra G forward per generator step (`models.flops` counts model FLOPs
 only, so MFU does not include it). Sequence parallel (Ulysses) is not combined with pipeline parallel.
 """
 

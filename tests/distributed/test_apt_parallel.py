@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from megatron_apt.testing import run_distributed
+from tests.helpers.ranks import run_distributed
 
 
 def _worker(rank, world, tp, sp, video):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from megatron_apt.testing import run_distributed
+from tests.helpers.ranks import run_distributed
 
 
 def _inputs(video: bool, seed: int = 1):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_apt.testing import run_distributed, run_tool, save_debug_models, train_worker
+from tests.helpers.ranks import run_distributed, run_tool, save_debug_models, train_worker
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_apt.testing import run_distributed, save_debug_models
+from tests.helpers.ranks import run_distributed, save_debug_models
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference_losses.json"
 COMMON = ["data.synthetic=true", "data.synthetic_shape=[4,1,8,8]", "data.synthetic_size=16", "precision=fp32",
@@ -24,7 +24,7 @@ KEYS = ("loss", "d_loss", "g_loss", "ar1", "logit_gap", "grad_norm", "d_grad_nor
 
 
 def _run(rank, world, base, run):
-    from megatron_apt.testing import train_worker
+    from tests.helpers.ranks import train_worker
 
     out = {}
     for engine in ENGINES:

@@ -87,7 +87,7 @@ def run_tool(name: str, *args) -> int:
     import sys
     from pathlib import Path
 
-    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    tools = str(Path(__file__).resolve().parents[2] / "tools")
     sys.path.insert(0, tools)
     try:
         tool = importlib.import_module(name)

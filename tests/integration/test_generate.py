@@ -14,7 +14,7 @@ TOOL = ROOT / "tools" / "generate.py"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from megatron_apt.data.testing import make_tiny_text_encoder, make_tiny_wan_vae
+    from tests.helpers.fixtures import make_tiny_text_encoder, make_tiny_wan_vae
     from megatron_apt.models import build_mmdit, save_mmdit
 
     d = tmp_path_factory.mktemp("gen")

@@ -53,7 +53,7 @@ def _ok(p):
 
 
 def _free_port():
-    from megatron_apt.testing import free_port
+    from tests.helpers.ranks import free_port
 
     return free_port()
 

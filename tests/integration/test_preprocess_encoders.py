@@ -12,7 +12,7 @@ from PIL import Image
 from megatron_apt.data import indexed
 from megatron_apt.data.dataset import LatentVideoDataset, collate_video_text
 from megatron_apt.data.preprocess import build_parser, main, process
-from megatron_apt.data.testing import make_tiny_kl_vae, make_tiny_text_encoder, make_tiny_wan_vae
+from tests.helpers.fixtures import make_tiny_kl_vae, make_tiny_text_encoder, make_tiny_wan_vae
 from megatron_apt.data.toy import make_toy_dataset
 from megatron_apt.models.text_encoder import load_text_encoder, load_tokenizer
 from megatron_apt.models.vae import load_vae

@@ -14,7 +14,7 @@ import pytest
 from megatron_apt.data import indexed
 from megatron_apt.data.dataset import LatentVideoDataset
 from megatron_apt.data.preprocess import KILL_AFTER_ENV, RAISE_AFTER_ENV, build_parser, main, process
-from megatron_apt.data.testing import make_bad_inputs
+from tests.helpers.fixtures import make_bad_inputs
 from megatron_apt.data.toy import make_toy_dataset
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from megatron_apt.data.testing import make_tiny_kl_vae, make_tiny_text_encoder, make_tiny_wan_vae
+from tests.helpers.fixtures import make_tiny_kl_vae, make_tiny_text_encoder, make_tiny_wan_vae
 from megatron_apt.models.text_encoder import ByteTokenizer, load_text_encoder, load_tokenizer, read_text_encoder_info
 from megatron_apt.models.vae import load_vae, read_vae_info
 

@@ -20,7 +20,7 @@ from megatron_apt.data.media import (
     parse_resolution,
     plan_clip_starts,
 )
-from megatron_apt.data.testing import coded_frames, read_code, write_video
+from tests.helpers.fixtures import coded_frames, read_code, write_video
 
 
 def _nearest(t: Fraction, src_fps: Fraction, n_src: int) -> int:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from megatron_apt.config.train import load_config
-from megatron_apt.trainer.batching import per_sample_randn, plan_batch
+from megatron_apt.methods.randomness import per_sample_randn
+from megatron_apt.trainer.batching import plan_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,7 +83,7 @@ def test_preloaded_batches_equal_per_sample_collation(tmp_path):
     import torch
 
     from megatron_apt.data.toy import ToyConfig, write_toy_indexed
-    from megatron_apt.trainer.data import IndexedData, collate
+    from megatron_apt.data.loader import IndexedData, collate
 
     write_toy_indexed(tmp_path / "v", ToyConfig(num=6, size=24, frames=2, min_digit=8, max_digit=10, max_digits=1))
     write_toy_indexed(tmp_path / "i", ToyConfig(num=5, size=24, images=True, min_digit=8, max_digit=10, max_digits=1))
