@@ -286,6 +286,14 @@ def test_reshard_round_trip_and_tp_shards_feed_a_parallel_model(runs, tmp_path):
     assert errs["generator_scale"] > 1e-3 and errs["discriminator_scale"] > 1e-3
 
 
+def _rerecord_checksum(step, name):
+    from megatron_apt.checkpoint import integrity
+
+    meta = json.loads((step / "trainer.json").read_text())
+    meta["files"][name] = integrity.digest_record(*integrity.file_digest(step / name))
+    (step / "trainer.json").write_text(json.dumps(meta))
+
+
 def _corrupt_copy(step, dst, how):
     shutil.copytree(step, dst)
     if how == "missing":
@@ -298,6 +306,7 @@ def _corrupt_copy(step, dst, how):
         lay = json.loads(j.read_text())
         lay["engines"]["G"]["groups"][0][0][1] = [16, 32]  # patch_embed.weight is [32, 16]
         j.write_text(json.dumps(lay))
+        _rerecord_checksum(dst, j.name)  # a consistent but wrong layout (not a damaged file)
     return dst
 
 
