@@ -33,6 +33,8 @@ import _bootstrap  # noqa: F401
 
 import torch
 
+from megatron_apt.utils import cli_main
+
 
 def _summary(model, what: str) -> None:
     n = sum(p.numel() for p in model.parameters())
@@ -146,6 +148,7 @@ BUFFERS_HELP = ("a model dir (the run's model.init / model.teacher) to copy fixe
                 "imported table in the last bits")
 
 
+@cli_main  # an OSError (permission, a missing folder, a full disk): one line naming the path, status 2
 def main(argv=None) -> int:
     from megatron_apt.checkpoint.convert import DEFAULT_SEED, VerificationError
 

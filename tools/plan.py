@@ -35,6 +35,7 @@ import sys
 import _bootstrap  # noqa: F401
 
 from megatron_apt import planning as P
+from megatron_apt.utils import cli_main
 
 PAPER = {"apt_image": {"global_batch": 9062, "steps": 350}, "apt_video": {"global_batch": 2048, "steps": 300},
          "cd": {"global_batch": 2048, "steps": None}, "flow": {"global_batch": 2048, "steps": None}}
@@ -129,6 +130,7 @@ def summary(plan: P.Plan) -> dict:
             "total_h": None if plan.time.total_hours is None else round(plan.time.total_hours, 2)}
 
 
+@cli_main  # an OSError (permission, a missing folder, a full disk): one line naming the path, status 2
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
