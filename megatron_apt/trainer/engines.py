@@ -248,8 +248,19 @@ class DeepSpeedEngine(TorchEngine):
         self.engine.backward(comm.nan_grads_if_nonfinite(loss), scale_wrt_gas=False)
 
     def step(self) -> float:
-        # ZeRO's step skips the update itself when the global gradient norm (over the ZeRO and model-parallel
-        # groups) is not finite: DeepSpeed's overflow handling, the same decision on every rank
+        # ZeRO's (and the bf16 optimizer's) step skips the update itself when the global gradient norm (over the
+        # ZeRO and model-parallel groups) is not finite: DeepSpeed's overflow handling, the same decision on
+        # every rank. A bare optimizer (ZeRO-0 in fp32) checks nothing: then the gradients are checked here and
+        # dropped (an update without gradients changes nothing) when any rank's are not finite.
+        if not hasattr(self.engine.optimizer, "overflow"):
+            params = self.params()
+            own = grad_norm(params)  # this rank's, before DeepSpeed averages over data parallel
+            self.skipped = not comm.all_ranks_true(math.isfinite(own), params[0].device if params else "cpu")
+            if self.skipped:
+                for p in params:
+                    p.grad = None
+            self.engine.step()
+            return own
         self.engine.step()
         self.skipped = not self.engine.was_step_applied()
         norm = self.engine.get_global_grad_norm()

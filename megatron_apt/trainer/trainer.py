@@ -450,7 +450,8 @@ class Trainer:
             metrics = self.stage.train_step(self.step, mbs)
             self.step += 1
             dt = time.perf_counter() - t0
-            finite = all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss") or k.endswith("grad_norm"))
+            finite = all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss"))
+            # an engine skips an update whose gradient norm is not finite (a non-finite loss gives one)
             skipped = [n for n, e in self.stage.engines().items() if getattr(e, "skipped", False)]
             # every rank takes the same decision (the engines already agree; the losses are global means)
             bad = not all_ranks_true(finite and not skipped, self.device)
