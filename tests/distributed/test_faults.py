@@ -2,7 +2,8 @@
 stays non-finite stops with exit status 3 and writes no non-finite weights, a damaged latest checkpoint (a
 flipped bit, a truncated shard, a garbled header, a garbled or incomplete trainer.json, on any rank) makes
 resume fall back to the previous one with a warning naming the file, all-damaged is a clear error, and
-metrics.jsonl is strict JSON with each step once after a NaN step and after a kill and resume."""
+metrics.jsonl is strict JSON with each step once after a NaN step and after a kill and resume (which also
+removes the interrupted export and checkpoint folders the kill left)."""
 
 import importlib.util
 import io
@@ -204,12 +205,14 @@ def _damage_and_resume(rank, world, base):
         shutil.copytree(base / "ref", run)
         shutil.rmtree(run / "checkpoints" / "step-00000004")
         shutil.rmtree(run / "export")
+        (run / "export" / ".model.x1y2.partial").mkdir(parents=True)  # an export the kill interrupted
+        (run / "checkpoints" / ".step-00000004.partial").mkdir()  # and the checkpoint it was writing
         with open(run / "metrics.jsonl", "a") as f:
             f.write('{"step": 5, "loss": 0.1')
     torch.distributed.barrier()
     hist = Trainer(load_config(None, cfg + [f"run_dir={run}"])).train()
-    out["killed"] = {"steps": [h["step"] for h in hist],
-                     "losses": [h["loss"] for h in hist]}
+    out["killed"] = {"steps": [h["step"] for h in hist], "left": sorted(
+        p.name for p in [*(run / "export").iterdir(), *(run / "checkpoints").iterdir()] if p.name.startswith("."))}
     return out
 
 
@@ -249,6 +252,7 @@ def test_every_checkpoint_damaged_is_a_clear_error(damaged):
 def test_metrics_are_strict_json_with_each_step_once_after_kill_and_resume(damaged):
     base, res = damaged
     assert res[0]["killed"]["steps"] == [3, 4]
+    assert res[0]["killed"]["left"] == []  # the interrupted export and checkpoint folders were removed
     recs = _strict_records(base / "killed" / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     ref = _strict_records(base / "ref" / "metrics.jsonl")
