@@ -305,7 +305,9 @@ def check_kind(meta: dict[str, Any], path, kinds: str | tuple[str, ...] | None) 
 
 
 def model_dir_files(path: str | Path, meta: dict[str, Any]) -> list[Path]:
-    tp = int(meta.get("tp", 1))
+    tp = meta.get("tp", 1)
+    if not isinstance(tp, int) or isinstance(tp, bool) or not 1 <= tp <= 65536:  # read from a file: checked
+        raise ConversionError(f"{Path(path) / CONFIG_NAME}: 'tp' must be a shard count, got {tp!r}")
     if tp > 1:
         return [Path(path) / SHARD_NAME.format(rank=r, tp=tp) for r in range(tp)]
     return [Path(path) / WEIGHTS_NAME]
