@@ -5,8 +5,11 @@ video stages). Thin on purpose: configuration, then the trainer.
     python pretrain_apt.py --config examples/configs/apt_image_8b.yaml optim.lr=5e-6 parallel.tp=2
     torchrun --nproc_per_node 8 pretrain_apt.py --config ...       # or: deepspeed pretrain_apt.py --config ...
 
-Rerunning the same command resumes from the latest checkpoint in run_dir. --dry-run prints the resolved
-configuration, the parallel layout and the batch arithmetic, then exits.
+Rerunning the same command resumes from the latest checkpoint in run_dir. --dry-run (anywhere among the
+arguments) prints the resolved configuration, the parallel layout and the batch arithmetic, then exits.
+
+Exit status: 0 done; 2 bad input (configuration, checkpoint, data, a path that cannot be read or written),
+with one `error: ...` line; 3 training stopped because max_bad_steps steps in a row were not finite.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from megatron_apt.utils import ArgumentParser, cli_main
 
 if not os.environ.get("DS_ACCELERATOR"):
     try:
@@ -25,13 +30,14 @@ if not os.environ.get("DS_ACCELERATOR"):
         pass
 
 
+@cli_main  # an OSError (permission, missing folder, full disk): one line naming the path, status 2
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (examples/configs/*.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, layout and batch plan; exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-6 parallel.tp=2")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # --dry-run before, between or after the overrides
     from megatron_apt.config.train import dump_config, load_config
 
     try:
@@ -54,12 +60,15 @@ def main(argv=None) -> int:
         print(f"# layout: {dims.describe()}")
         print(f"# batch: {plan.describe()}")
         return 0
-    from megatron_apt.trainer.trainer import Trainer
+    from megatron_apt.trainer.trainer import Trainer, TrainingDiverged
 
     try:
         Trainer(cfg).train()
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -1,15 +1,20 @@
-"""Small shared helpers: atomic file and directory writes, logging setup."""
+"""Small shared helpers: atomic file and directory writes, logging setup, strict JSON, command-line errors."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import json
+import math
+import re
+import sys
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -103,3 +108,69 @@ def sample_seed(seed: int, step: int, purpose: str, position: int) -> int:
 
     h = hashlib.blake2b(f"{seed}/{step}/{purpose}/{position}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+# ---- strict JSON ---------------------------------------------------------------------------------------
+def json_safe(rec: dict[str, Any]) -> dict[str, Any]:
+    """A flat record that strict JSON parsers accept: non-finite floats become null and their keys are listed
+    under "nonfinite" (JSON has no NaN or Infinity; Python's json module would write them bare)."""
+    out, bad = {}, []
+    for k, v in rec.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+            bad.append(k)
+        else:
+            out[k] = v
+    if bad:
+        out["nonfinite"] = sorted(set(bad) | set(rec.get("nonfinite") or []))
+    return out
+
+
+def strict_dumps(obj: Any, **kw: Any) -> str:
+    """json.dumps that refuses NaN / Infinity instead of writing invalid JSON."""
+    return json.dumps(obj, allow_nan=False, **kw)
+
+
+# ---- names read from files -----------------------------------------------------------------------------
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def check_plain_name(name: Any, what: str) -> str:
+    """A name read from a file (a checkpoint's model names, a manifest's field names) that will become part
+    of a path: one plain component (letters, digits, _ . -; no separator, no '..'), else ValueError."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or set(name) == {"."}:
+        raise ValueError(f"{what} {name!r} is not a plain name (letters, digits, '_', '.', '-'); refusing to use "
+                         "it in a path")
+    return name
+
+
+# ---- command-line boundary -----------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (and exit status 2) instead of the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def os_error_message(e: OSError) -> str:
+    """One line naming the path(s) and the cause of an OSError."""
+    if e.filename is not None:
+        path = str(e.filename) + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{path}: {e.strerror or e.__class__.__name__}"
+    return " ".join(str(e).split()) or e.__class__.__name__
+
+
+def cli_main(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a tool's main(): an OSError (permission denied, a missing folder, a full disk) becomes one line
+    `error: PATH: cause` on stderr and exit status 2 instead of a traceback. Writes are atomic, so a failed
+    one leaves nothing half-written behind."""
+
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs)
+        except OSError as e:
+            print(f"error: {os_error_message(e)}", file=sys.stderr, flush=True)
+            return 2
+
+    return wrapped

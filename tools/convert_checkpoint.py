@@ -18,7 +18,10 @@
   convert_checkpoint.py export-generator --input runs/apt_image --output seaweed_apt_image --dtype bfloat16
 
 Writes are atomic (a killed conversion leaves nothing that looks complete), inputs are never modified,
-and only safetensors / JSON are read (nothing is unpickled). Bad input (a missing or truncated shard,
+and only safetensors / JSON are read (nothing is unpickled). Training checkpoints are checked against the
+file sizes and checksums recorded when they were saved; given a run folder, a damaged latest checkpoint is
+reported (naming the file) and the previous one is used. Names read from a checkpoint must be plain names:
+nothing is written outside --output. Bad input (a missing or truncated shard,
 mismatched shapes, another preset than --expect-preset, a kind mismatch, an existing output without
 --overwrite) exits with status 2 and a message on stderr; a failed --verify exits with status 1 and
 writes nothing.
@@ -32,6 +35,8 @@ import sys
 import _bootstrap  # noqa: F401
 
 import torch
+
+from megatron_apt.utils import cli_main
 
 
 def _summary(model, what: str) -> None:
@@ -146,6 +151,7 @@ BUFFERS_HELP = ("a model dir (the run's model.init / model.teacher) to copy fixe
                 "imported table in the last bits")
 
 
+@cli_main  # an OSError (permission, a missing folder, a full disk): one line naming the path, status 2
 def main(argv=None) -> int:
     from megatron_apt.checkpoint.convert import DEFAULT_SEED, VerificationError
 

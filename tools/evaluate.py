@@ -51,6 +51,8 @@ import _bootstrap  # noqa: F401
 
 import torch
 
+from megatron_apt.utils import cli_main
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,6 +248,7 @@ def quickstart_plan(a):
     return sets, fig5, notes
 
 
+@cli_main  # an OSError (permission, a missing folder, a full disk): one line naming the path, status 2
 def main(argv=None) -> int:
     a = parse_args(argv)
     from megatron_apt.metrics import report as rp

@@ -22,6 +22,8 @@ import _bootstrap  # noqa: F401
 
 import torch
 
+from megatron_apt.utils import cli_main
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +59,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@cli_main  # an OSError (an unwritable --out, a full disk): one line naming the path, status 2
 def main(argv=None) -> int:
     a = parse_args(argv)
     from megatron_apt.inference.grid import save_grid
@@ -77,8 +80,13 @@ def main(argv=None) -> int:
             w, h = (int(v) for v in a.resolution.lower().split("x"))
         except ValueError:
             raise ValueError(f"--resolution must look like 1280x720, got {a.resolution!r}") from None
-        if a.steps < 1:
-            raise ValueError("--steps must be >= 1")
+        for name, value, ok in [("--resolution", a.resolution, w >= 1 and h >= 1),
+                                ("--frames", a.frames, a.frames is None or a.frames >= 1),
+                                ("--fps", a.fps, a.fps > 0), ("--seconds", a.seconds, a.seconds > 0),
+                                ("--steps", a.steps, a.steps >= 1), ("--batch-size", a.batch_size, a.batch_size >= 1),
+                                ("--grid-scale", a.grid_scale, a.grid_scale >= 1), ("--sp", a.sp, a.sp >= 1)]:
+            if not ok:
+                raise ValueError(f"{name} must be positive, got {value}")
         timesteps = None
         if a.timesteps:
             from megatron_apt.inference.sampling import check_timesteps
@@ -112,12 +120,16 @@ def main(argv=None) -> int:
             if gen.vae is not None and gen.vae.temporal_compression > 1:
                 frames = (frames // gen.vae.temporal_compression) * gen.vae.temporal_compression + 1
         gen.latent_shape(frames, h, w)  # validates the size against the VAE and patch factors up front
+        try:
+            seeds = [int(s) for s in a.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds takes comma-separated integers, got {a.seeds!r}") from None
+        gen.check_memory(frames, h, w, min(a.batch_size, len(prompts) * len(seeds)), len(prompts) * len(seeds))
         tile = a.vae_tiling == "on"
         if a.vae_tiling == "auto" and gen.vae is not None and device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             tile = free < 16 * 2**30 * max(1, a.batch_size)  # untiled 720p 2 s decode peaks near 10 GiB
-        seeds = [int(s) for s in a.seeds.split(",")]
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0

@@ -35,6 +35,7 @@ import sys
 import _bootstrap  # noqa: F401
 
 from megatron_apt import planning as P
+from megatron_apt.utils import cli_main
 
 # Stages without a batch in the paper (cd, flow) are planned at the video stage's 2048.
 UNSTATED_BATCH = 2048
@@ -132,6 +133,7 @@ def summary(plan: P.Plan) -> dict:
             "total_h": None if plan.time.total_hours is None else round(plan.time.total_hours, 2)}
 
 
+@cli_main  # an OSError (permission, a missing folder, a full disk): one line naming the path, status 2
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_apt.models import flops as mf
+from megatron_apt.utils import cli_main
 
 # ------------------------------------------------------------------------------------------------------
 # fixed shapes
@@ -770,6 +771,7 @@ def _clean(v: Any) -> Any:
     return v
 
 
+@cli_main  # an OSError (permission, a missing folder, a full disk): one line naming the path, status 2
 def main(argv: list[str] | None = None) -> int:
     global _RANK
     args = build_parser().parse_args(argv)

@@ -42,9 +42,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_apt.checkpoint import integrity
+from megatron_apt.checkpoint.integrity import CheckpointError
 from megatron_apt.config.model import DiscriminatorConfig, MMDiTConfig, get_model_config
 from megatron_apt.models.io import CONFIG_NAME, FORMAT, WEIGHTS_NAME
-from megatron_apt.utils import atomic_directory
+from megatron_apt.utils import atomic_directory, check_plain_name, get_logger
+
+log = get_logger("megatron_apt.checkpoint")
 
 TRAINER_META = "trainer.json"
 SHARD_NAME = "model-tp{rank}-of-{tp}.safetensors"
@@ -307,7 +311,9 @@ def check_kind(meta: dict[str, Any], path, kinds: str | tuple[str, ...] | None) 
 
 
 def model_dir_files(path: str | Path, meta: dict[str, Any]) -> list[Path]:
-    tp = int(meta.get("tp", 1))
+    tp = meta.get("tp", 1)
+    if not isinstance(tp, int) or isinstance(tp, bool) or not 1 <= tp <= 65536:  # read from a file: checked
+        raise ConversionError(f"{Path(path) / CONFIG_NAME}: 'tp' must be a shard count, got {tp!r}")
     if tp > 1:
         return [Path(path) / SHARD_NAME.format(rank=r, tp=tp) for r in range(tp)]
     return [Path(path) / WEIGHTS_NAME]
@@ -411,16 +417,21 @@ def load_tp_shard(path: str | Path, tp_rank: int, tp: int | None = None, prefix:
 # ---- training checkpoints ------------------------------------------------------------------------------
 def resolve_checkpoint(path: str | Path) -> Path:
     """A `step-N` checkpoint directory from itself or from a run directory (its latest complete one)."""
+    return checkpoint_candidates(path)[0]
+
+
+def checkpoint_candidates(path: str | Path) -> list[Path]:
+    """[the checkpoint] for a `step-N` directory; a run directory's complete checkpoints, newest first."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
     if (p / TRAINER_META).is_file():
-        return p
+        return [p]
     ck = p / "checkpoints"
     if ck.is_dir():
-        done = sorted(q for q in ck.glob("step-*") if (q / TRAINER_META).is_file())
+        done = integrity.complete_checkpoints(ck)
         if done:
-            return done[-1]
+            return done
         raise ConversionError(f"run directory {p} has no complete checkpoint under {ck}")
     if (p / CONFIG_NAME).is_file():
         raise ConversionError(f"{p} is a model directory, not a training checkpoint")
@@ -444,8 +455,19 @@ class TrainingCheckpoint:
     are present and readable, and that the ranks cover the tensor-parallel x ZeRO grid."""
 
     def __init__(self, path: str | Path):
-        self.path = resolve_checkpoint(path)
-        meta = _read_json(self.path / TRAINER_META, "checkpoint metadata")
+        # every file is checked against the sizes and checksums recorded at save; for a run directory a
+        # damaged latest checkpoint gives a warning naming the file and the previous one is used
+        damaged = []
+        for cand in checkpoint_candidates(path):
+            try:
+                meta = integrity.verify_checkpoint(cand)
+                break
+            except CheckpointError as e:
+                damaged.append(str(e))
+                log.warning("%s; trying the previous checkpoint", e)
+        else:
+            raise CheckpointError(f"no intact checkpoint in {path}: " + "; ".join(damaged))
+        self.path = cand
         self.meta = meta
         if "models" not in meta or "world_size" not in meta:
             raise ConversionError(f"{self.path / TRAINER_META} has no 'models' / 'world_size': written by a trainer "
@@ -898,6 +920,9 @@ def consolidate(src: str | Path, output: str | Path, model: str | None = None, e
             products.append((names[0], e, False))
             if ckpt.has_ema(e):
                 products.append((names[1], e, True))
+    for sub, _e, _ema in products:  # names from trainer.json become folder names: plain names only
+        if sub:
+            check_plain_name(sub, f"checkpoint {ckpt.path}: product name")
     for e in {p[1] for p in products}:
         check_preset(ckpt.meta["models"][e]["model"], expect_preset, f"checkpoint {ckpt.path} model {e!r}")
     report = Report(f"consolidated {ckpt.path} (step {ckpt.step}) -> {output}")
@@ -915,6 +940,8 @@ def consolidate(src: str | Path, output: str | Path, model: str | None = None, e
             meta = _model_meta(kind, ckpt.config(e), extra)
             out_state = {k: v.to(dt) for k, v in state.items()} if dt is not None else state
             d = tmp / sub if sub else tmp
+            if d.resolve().parent != tmp.resolve() and d != tmp:  # stays inside --output, whatever the name
+                raise ConversionError(f"product {sub!r} would be written outside {output}")
             write_model_files(d, out_state, meta)
             label = f"{e}{' EMA' if use_ema else ''}"
             if verify:

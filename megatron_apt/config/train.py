@@ -9,6 +9,7 @@ are the defaults here and in the YAML files, not in code.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from megatron_apt.config.model import MMDiTConfig, get_model_config
+
 STAGES = ("flow", "cd", "apt_image", "apt_video")
 
 
@@ -24,14 +27,15 @@ STAGES = ("flow", "cd", "apt_image", "apt_video")
 class ModelSection:
     preset: str = "debug"
     """Size preset from the registry (debug, toy, 2b, 8b, sd3.5-large)."""
-    overrides: dict = field(default_factory=dict)
-    """MMDiTConfig fields to change on top of the preset."""
+    overrides: dict = field(default_factory=dict, metadata={"schema": MMDiTConfig})
+    """MMDiTConfig fields to change on top of the preset (on the command line also one at a time:
+    model.overrides.num_layers=6)."""
     init: str | None = None
     """Model directory to start the generator / student from (flow: optional; cd: the diffusion model;
     apt: the consistency-distilled G-hat, or the image stage's exported EMA generator)."""
     teacher: str | None = None
     """cd: the frozen diffusion teacher; apt: the diffusion weights the discriminator backbone starts from."""
-    head_layers: list | None = None
+    head_layers: list[int] | None = None
     """APT discriminator head layers (1-based); None = the paper's 16/26/36-of-36 fractions."""
 
 
@@ -41,7 +45,7 @@ class DataSection:
     """Prefix of an indexed dataset written by tools/preprocess_video.py; None with synthetic=true."""
     synthetic: bool = False
     """Random latents and text of `synthetic_shape` (tests and throughput runs)."""
-    synthetic_shape: list = field(default_factory=lambda: [4, 1, 8, 8])
+    synthetic_shape: list[int] = field(default_factory=lambda: [4, 1, 8, 8])
     """[C, T, H, W] of synthetic latents."""
     synthetic_text_len: int = 8
     """Text tokens per synthetic sample."""
@@ -67,7 +71,7 @@ class ParallelSection:
     engine: str = "deepspeed"
     """'deepspeed' (ZeRO-3 engines), 'torch' (plain optimizer, gradients averaged over DP x SP) or
     'pipeline' (megatron-core pipeline schedules over pp stages, optimizer state sharded over DP)."""
-    pipeline_layers: list | None = None
+    pipeline_layers: list[int] | None = None
     """Blocks per pipeline stage for G / flow / CD models (e.g. [17, 19]); None = even split. The
     discriminator, cut after its deepest tapped layer, is always split evenly."""
     zero1: bool = True
@@ -95,7 +99,7 @@ class OptimSection:
     Adam's) or 'adamw' (with `betas`, for pretraining)."""
     alpha: float = 0.9
     """RMSProp smoothing constant (and beta2 of 'adam')."""
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas (flow-matching pretraining)."""
     eps: float = 1e-8
     """Optimizer epsilon."""
@@ -195,6 +199,10 @@ class TrainConfig:
     """Log every N steps."""
     sample_every: int = 0
     """Write a one-step sample grid every N steps (0 = never)."""
+    max_bad_steps: int = 3
+    """A step whose loss or gradient norm is not finite skips its update (on every rank); after this many
+    such steps in a row the run stops with an error, saving and exporting nothing (weights that are not
+    finite are never written). Resuming starts from the last checkpoint."""
     wandb_project: str | None = None
     """wandb project; runs offline unless WANDB_MODE / a login says otherwise. None = no wandb."""
     model: ModelSection = field(default_factory=ModelSection)
@@ -207,35 +215,94 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}; known: {', '.join(STAGES)}")
-        if self.global_batch < 1 or self.micro_batch < 1:
-            raise ValueError("global_batch and micro_batch must be >= 1")
+            raise ConfigError(f"unknown stage {self.stage!r}; known: {', '.join(STAGES)}")
+        self._check_ranges()
         if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
+            raise ConfigError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.parallel.engine not in ("deepspeed", "torch", "pipeline"):
-            raise ValueError(f"parallel.engine must be deepspeed, torch or pipeline, got {self.parallel.engine!r}")
+            raise ConfigError(f"parallel.engine must be deepspeed, torch or pipeline, got {self.parallel.engine!r}")
         uses_ema = self.stage != "flow" or self.apt.ema_decay > 0
         if self.parallel.engine == "deepspeed" and self.parallel.zero_stage != 3 and uses_ema:
-            raise ValueError(f"parallel.zero_stage={self.parallel.zero_stage}: the EMA this stage keeps is implemented "
+            raise ConfigError(f"parallel.zero_stage={self.parallel.zero_stage}: the EMA this stage keeps is implemented "
                              "for DeepSpeed ZeRO-3 only (use parallel.zero_stage=3, or parallel.engine=torch/pipeline)")
         if self.parallel.pp < 1:
-            raise ValueError(f"parallel.pp must be >= 1, got {self.parallel.pp}")
+            raise ConfigError(f"parallel.pp must be >= 1, got {self.parallel.pp}")
         if self.parallel.pp > 1 and self.parallel.engine != "pipeline":
-            raise ValueError(f"parallel.pp={self.parallel.pp} needs parallel.engine=pipeline (DeepSpeed's ZeRO-2/3 "
+            raise ConfigError(f"parallel.pp={self.parallel.pp} needs parallel.engine=pipeline (DeepSpeed's ZeRO-2/3 "
                              "do not combine with pipeline stages; the pipeline engine shards optimizer state, ZeRO-1)")
         if self.parallel.engine == "pipeline" and self.parallel.sp > 1:
-            raise ValueError("parallel.engine=pipeline does not combine with Ulysses sequence parallel (sp > 1) yet")
+            raise ConfigError("parallel.engine=pipeline does not combine with Ulysses sequence parallel (sp > 1) yet")
         if self.parallel.pipeline_layers is not None and len(self.parallel.pipeline_layers) != self.parallel.pp:
-            raise ValueError(f"parallel.pipeline_layers {self.parallel.pipeline_layers} must list one block count per "
+            raise ConfigError(f"parallel.pipeline_layers {self.parallel.pipeline_layers} must list one block count per "
                              f"pipeline stage (pp={self.parallel.pp})")
         if not self.data.synthetic and not self.data.path:
-            raise ValueError("data.path is required (or set data.synthetic=true)")
+            raise ConfigError("data.path is required (or set data.synthetic=true)")
         if self.optim.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
+            raise ConfigError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
         if self.optim.optimizer not in ("rmsprop", "adam", "adamw"):
-            raise ValueError(f"optim.optimizer must be rmsprop, adam or adamw, got {self.optim.optimizer!r}")
+            raise ConfigError(f"optim.optimizer must be rmsprop, adam or adamw, got {self.optim.optimizer!r}")
         if self.apt.r1_sigma_means not in ("variance", "std"):
-            raise ValueError(f"apt.r1_sigma_means must be variance or std, got {self.apt.r1_sigma_means!r}")
+            raise ConfigError(f"apt.r1_sigma_means must be variance or std, got {self.apt.r1_sigma_means!r}")
+
+
+    def _check_ranges(self) -> None:
+        """Numbers outside their meaningful range, named with the key and the value."""
+        d, p, o, a, c = self.data, self.parallel, self.optim, self.apt, self.cd
+        rules = [
+            ("steps", self.steps, self.steps >= 0, ">= 0"),
+            ("global_batch", self.global_batch, self.global_batch >= 1, ">= 1"),
+            ("micro_batch", self.micro_batch, self.micro_batch >= 1, ">= 1"),
+            ("save_every", self.save_every, self.save_every >= 0, ">= 0"),
+            ("keep_checkpoints", self.keep_checkpoints, self.keep_checkpoints >= 1, ">= 1"),
+            ("log_every", self.log_every, self.log_every >= 1, ">= 1"),
+            ("sample_every", self.sample_every, self.sample_every >= 0, ">= 0"),
+            ("max_bad_steps", self.max_bad_steps, self.max_bad_steps >= 1, ">= 1"),
+            ("data.synthetic_shape", d.synthetic_shape, len(d.synthetic_shape) == 4 and min(d.synthetic_shape) >= 1,
+             "four sizes [C, T, H, W], each >= 1"),
+            ("data.synthetic_text_len", d.synthetic_text_len, d.synthetic_text_len >= 1, ">= 1"),
+            ("data.synthetic_size", d.synthetic_size, d.synthetic_size >= 1, ">= 1"),
+            ("data.max_text_len", d.max_text_len, d.max_text_len >= 1, ">= 1"),
+            ("parallel.tp", p.tp, p.tp >= 1, ">= 1"),
+            ("parallel.sp", p.sp, p.sp >= 1, ">= 1"),
+            ("parallel.pp", p.pp, p.pp >= 1, ">= 1"),
+            ("parallel.pipeline_layers", p.pipeline_layers,
+             p.pipeline_layers is None or (len(p.pipeline_layers) > 0 and min(p.pipeline_layers) >= 1),
+             "block counts >= 1"),
+            ("parallel.zero_stage", p.zero_stage, p.zero_stage in (0, 1, 2, 3), "0, 1, 2 or 3"),
+            ("parallel.zero_persistence_threshold", p.zero_persistence_threshold, p.zero_persistence_threshold >= 0,
+             ">= 0"),
+            ("optim.lr", o.lr, o.lr >= 0, ">= 0"),
+            ("optim.d_lr", o.d_lr, o.d_lr is None or o.d_lr >= 0, ">= 0"),
+            ("optim.alpha", o.alpha, 0 <= o.alpha < 1, "in [0, 1)"),
+            ("optim.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two values in [0, 1)"),
+            ("optim.eps", o.eps, o.eps > 0, "> 0"),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+            ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, ">= 0"),
+            ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+            ("optim.min_lr", o.min_lr, o.min_lr >= 0, ">= 0"),
+            ("model.head_layers", self.model.head_layers,
+             self.model.head_layers is None or (len(self.model.head_layers) > 0 and min(self.model.head_layers) >= 1),
+             "1-based layer numbers"),
+            ("apt.r1_lambda", a.r1_lambda, a.r1_lambda >= 0, ">= 0"),
+            ("apt.r1_sigma", a.r1_sigma, a.r1_sigma >= 0, ">= 0"),
+            ("apt.timestep_shift", a.timestep_shift, a.timestep_shift > 0, "> 0"),
+            ("apt.ema_decay", a.ema_decay, 0 <= a.ema_decay < 1, "in [0, 1)"),
+            ("apt.d_steps_per_g_step", a.d_steps_per_g_step, a.d_steps_per_g_step >= 1, ">= 1"),
+            ("apt.collapse_patience", a.collapse_patience, a.collapse_patience >= 1, ">= 1"),
+            ("flow.shift", self.flow.shift, self.flow.shift is None or self.flow.shift > 0, "> 0"),
+            ("flow.text_dropout", self.flow.text_dropout, 0 <= self.flow.text_dropout <= 1, "in [0, 1]"),
+            ("cd.num_steps", c.num_steps, c.num_steps >= 1, ">= 1"),
+            ("cd.ema_decay", c.ema_decay, 0 <= c.ema_decay < 1, "in [0, 1)"),
+            ("cd.shift", c.shift, c.shift > 0, "> 0"),
+        ]
+        for key, value, ok, want in rules:
+            if not ok:
+                raise ConfigError(f"{key} must be {want}, got {value!r}")
+        try:
+            get_model_config(self.model.preset, **self.model.overrides)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.preset={self.model.preset!r} with model.overrides {self.model.overrides}: "
+                              f"{e}") from None
 
 
 # The paper's numbers per stage (§3.2, §3.5), applied over the dataclass defaults before the YAML file and the
@@ -256,7 +323,7 @@ PAPER = {
 def stage_defaults(stage: str) -> dict[str, Any]:
     """The paper's values of a stage as dotted keys (see PAPER)."""
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
     return dict(PAPER.get(stage, {}))
 
 
@@ -271,69 +338,213 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+class ConfigError(ValueError):
+    """A configuration value, key or file the trainer cannot use; its message is one line."""
 
 
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Parse an override string (or a YAML scalar) into the field's type."""
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if not isinstance(value, str):
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        return value
+def _type_name(typ: Any) -> str:
+    """How an error names a field's type: 'an int', 'a list of int', 'a float or null', ..."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
     if origin is typing.Union or origin is types.UnionType:
-        if value.lower() in ("none", "null"):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple):
+        inner = [a for a in args if a is not Ellipsis]
+        what = "list of" if origin is list or Ellipsis in args else f"list of {len(args)}"
+        items = {int: "ints", float: "numbers", str: "strings", bool: "bools"}
+        return f"a {what} {items.get(inner[0], _type_name(inner[0]))}" if inner else "a list"
+    return {int: "an int", float: "a finite float", bool: "a bool (true/false)", str: "a string", list: "a list",
+            dict: "a mapping"}.get(typ, getattr(typ, "__name__", str(typ)))
+
+
+class _Bad(Exception):
+    pass
+
+
+def _typed(value: Any, typ: Any) -> Any:
+    """`value` (from YAML, or a command-line string already read as YAML) as the field type `typ`; raises _Bad."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
             return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], key)
-    try:
-        if typ is bool:
-            if value.lower() in ("true", "1", "yes", "on"):
-                return True
-            if value.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(value)
-        if typ is int:
-            return int(value)
-        if typ is float:
-            return float(value)
-        if typ in (list, dict) or origin in (list, dict):
-            return yaml.safe_load(value)
-    except ValueError as e:
-        raise ValueError(f"cannot parse {key}={value!r} as {getattr(typ, '__name__', typ)}") from e
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _typed(value, a)
+            except _Bad:
+                pass
+        raise _Bad
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Bad
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:  # PyYAML reads 1e5 as a string
+                    f = float(value)
+                except ValueError:
+                    raise _Bad from None
+                if math.isfinite(f) and f == int(f):
+                    return int(f)
+        raise _Bad
+    if typ is float:
+        if isinstance(value, bool):
+            raise _Bad
+        if isinstance(value, (int, float)):
+            f = float(value)
+        elif isinstance(value, str):  # PyYAML reads 3e-6 (no dot) as a string
+            try:
+                f = float(value.strip())
+            except ValueError:
+                raise _Bad from None
+        else:
+            raise _Bad
+        if not math.isfinite(f):
+            raise _Bad
+        return f
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise _Bad
+    if typ is list or origin is list or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Bad
+        inner = [a for a in args if a is not Ellipsis]
+        if origin is tuple and Ellipsis not in args and inner and len(value) != len(inner):
+            raise _Bad
+        if not inner:
+            return list(value)
+        out = [_typed(v, inner[i] if origin is tuple and Ellipsis not in args else inner[0])
+               for i, v in enumerate(value)]
+        return out  # tuples as lists: the resolved config is written as YAML
+    if typ is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _Bad
+        return dict(value)
     return value
 
 
-def _apply(obj: Any, data: dict[str, Any], where: str) -> None:
-    types = _field_types(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
+def _parse_cli(text: str, typ: Any, key: str) -> Any:
+    """A command-line value read like a YAML value: `[16,26]`, `16,26` or `16` for a list, `null`, `1e-5`,
+    `{num_layers: 6}`; string fields take the text as it is."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    optional = (origin is typing.Union or origin is types.UnionType) and type(None) in args
+    base = [a for a in args if a is not type(None)][0] if optional else typ
+    if optional and text.strip().lower() in ("null", "none", "~"):
+        return None
+    if base is str:
+        return text
+    try:
+        value = yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        value = text
+    is_list = base is list or typing.get_origin(base) in (list, tuple)
+    if is_list and not isinstance(value, list):
+        try:  # 16,26 or 16: the list's items without brackets
+            value = yaml.safe_load(f"[{text}]")
+        except yaml.YAMLError:
+            raise ConfigError(f"cannot parse {key}={text!r}: expected {_type_name(typ)}") from None
+    return value
+
+
+def _check(value: Any, typ: Any, key: str, shown: Any = None) -> Any:
+    try:
+        return _typed(value, typ)
+    except _Bad:
+        shown = repr(value) if shown is None else shown
+        raise ConfigError(f"cannot parse {key}={shown}: expected {_type_name(typ)}") from None
+
+
+def _dict_entries(data: dict[str, Any], schema: type, where: str, from_cli: bool) -> dict[str, Any]:
+    """Keys and values of a mapping field whose keys are another dataclass's fields (model.overrides:
+    MMDiTConfig), checked against that dataclass."""
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for k, v in data.items():
+        if k not in hints:
+            raise ConfigError(f"unknown config key '{where}{k}'; known keys here: {', '.join(hints)}")
+        raw = v
+        if from_cli and isinstance(v, str):
+            v = _parse_cli(v, hints[k], f"{where}{k}")
+        out[k] = _check(v, hints[k], f"{where}{k}", repr(raw))
+    return out
+
+
+def _apply(obj: Any, data: dict[str, Any], where: str, from_cli: bool = False) -> None:
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in data.items():
-        if key not in names:
-            raise ValueError(f"unknown config key '{where}{key}'; known keys here: {', '.join(names)}")
+        if not isinstance(key, str) or key not in fields:
+            raise ConfigError(f"unknown config key '{where}{key}'; known keys here: {', '.join(fields)}")
         cur = getattr(obj, key)
+        name = f"{where}{key}"
         if dataclasses.is_dataclass(cur):
             if not isinstance(value, dict):
-                raise ValueError(f"config key {where}{key} is a section; give a mapping")
-            _apply(cur, value, f"{where}{key}.")
-        else:
-            setattr(obj, key, _coerce(value, types[key], f"{where}{key}"))
+                raise ConfigError(f"config key {name} is a section; give a mapping, got {value!r}")
+            _apply(cur, value, f"{name}.", from_cli)
+            continue
+        raw = value
+        if from_cli and isinstance(value, str):
+            value = _parse_cli(value, hints[key], name)
+        value = _check(value, hints[key], name, repr(raw))
+        schema = fields[key].metadata.get("schema")
+        if schema is not None and isinstance(value, dict):
+            value = _dict_entries(value, schema, f"{name}.", from_cli=False)
+        setattr(obj, key, value)
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Dotted `key.sub=value` overrides; a mapping field takes one entry as `key.sub.entry=value`."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
-        nested: dict[str, Any] = {parts[-1]: value}
-        for p in reversed(parts[:-1]):
-            nested = {p: nested}
-        _apply(cfg, nested, "")
+        obj, where = cfg, ""
+        while len(parts) > 1 and dataclasses.is_dataclass(getattr(obj, parts[0], None)):
+            obj, where, parts = getattr(obj, parts[0]), f"{where}{parts[0]}.", parts[1:]
+        if len(parts) > 1:  # into a mapping field: model.overrides.num_layers=6
+            names = [f.name for f in dataclasses.fields(obj)]
+            fld = next((f for f in dataclasses.fields(obj) if f.name == parts[0]), None)
+            if fld is None:
+                raise ConfigError(f"unknown config key '{where}{parts[0]}'; known keys here: {', '.join(names)}")
+            if not isinstance(getattr(obj, parts[0]), dict) or len(parts) > 2:
+                raise ConfigError(f"unknown config key '{where}{'.'.join(parts)}': {where}{parts[0]} has no "
+                                  "sub-keys")
+            schema = fld.metadata.get("schema")
+            entry = {parts[1]: value}
+            if schema is not None:
+                entry = _dict_entries(entry, schema, f"{where}{parts[0]}.", from_cli=True)
+            else:
+                entry = {parts[1]: _parse_cli(value, Any, f"{where}{'.'.join(parts)}")}
+            setattr(obj, parts[0], {**getattr(obj, parts[0]), **entry})
+            continue
+        _apply(obj, {parts[0]: value}, where, from_cli=True)
     return cfg
 
 
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's contents; a syntax error names the file, line and column in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a text file ({e.reason})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
 def _final_stage(data: dict[str, Any], overrides: list[str]) -> str:
     stage = data.get("stage", TrainConfig.stage)
     for item in overrides:
@@ -348,14 +559,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = TrainConfig()
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping at the top level")
+            raise ConfigError(f"{path} must hold a mapping at the top level")
     _apply(cfg, _nest(stage_defaults(_final_stage(data, overrides or []))), "")
-    _apply(cfg, data, "")
+    if path is not None:
+        try:
+            _apply(cfg, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     apply_overrides(cfg, overrides or [])
     cfg.validate()
     return cfg

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from megatron_apt.utils import atomic_write_json, fsync_dir, get_logger
+from megatron_apt.utils import atomic_write_json, check_plain_name, fsync_dir, get_logger
 
 with warnings.catch_warnings():
     # megatron.core warns at import time about optional fused kernels that this module does not use.
@@ -111,6 +111,11 @@ def read_manifest(prefix: str | os.PathLike) -> dict[str, Any]:
         raise DatasetError(f"{path} is not a {FORMAT_NAME} manifest (format={manifest.get('format')!r})")
     if int(manifest.get("version", 0)) > FORMAT_VERSION:
         raise DatasetError(f"{path} has format version {manifest['version']}, newer than this code ({FORMAT_VERSION})")
+    for name in manifest.get("fields") or {}:  # field names become file names: plain names only
+        try:
+            check_plain_name(name, f"{path}: field name")
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
     return manifest
 
 

@@ -61,7 +61,7 @@ from megatron_apt.data.media import (
     parse_fps,
     parse_resolution,
 )
-from megatron_apt.utils import atomic_directory, atomic_write_json, get_logger
+from megatron_apt.utils import atomic_directory, atomic_write_json, cli_main, get_logger
 
 logger = get_logger("megatron_apt.preprocess")
 
@@ -683,6 +683,11 @@ def process(args: argparse.Namespace) -> PreprocessStats:
                 f"{shard} already exists and was made with different settings; pass --overwrite to replace it"
             )
         logger.info("%s is already complete; nothing to preprocess", shard)
+        if parts_dir.exists() and not args.keep_parts:  # a run killed after building the shard left its parts
+            shutil.rmtree(parts_dir, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                progress_path.unlink()
+            logger.info("removed %s, left by a run that finished its shard", parts_dir)
     else:
         _run_parts(args, items, settings, rank, world, shard, parts_dir, progress_path, stats)
     stats.seconds = time.perf_counter() - t_start
@@ -839,6 +844,7 @@ def _print_verify(prefix: str) -> dict[str, Any]:
     return summary
 
 
+@cli_main  # an OSError (permission, a missing folder, a full disk): one line naming the path, status 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_apt.utils import cli_main
+
 DIRECTIONS = ("left", "right", "up", "down")
 
 # The embedded default task (examples/quickstart.sh, the shipped toy models): 24x24 canvases, 8 frames at
@@ -265,6 +267,7 @@ def write_toy_indexed(prefix: str | os.PathLike, cfg: ToyConfig, max_text_len: i
     return manifest
 
 
+@cli_main  # an OSError (permission, a missing folder, a full disk): one line naming the path, status 2
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import time

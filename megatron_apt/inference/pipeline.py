@@ -128,6 +128,39 @@ class Generator:
                              f"{(self.vae.spatial_compression if self.vae else 1) * ph}")
         return shape
 
+    def memory_estimate(self, frames: int, height: int, width: int, batch: int, samples: int,
+                        text_len: int = 512) -> dict[str, int]:
+        """Bytes that a run surely needs beyond the loaded weights (a lower bound, so a refusal is certain to
+        be right): on the model's device, one batch's latents, the widest live activations of a block (the
+        residual stream, the q/k/v projections and the MLP's hidden layer over every token; attention
+        kernels add more, depending on the backend) and its decoded frames; on the host, every sample's
+        decoded frames, kept for the grid."""
+        cfg = self.model.config
+        C, T, H, W = self.latent_shape(frames, height, width)
+        pt, ph, pw = cfg.patch_size
+        tokens = (T // pt) * (H // ph) * (W // pw) + text_len
+        el = torch.finfo(self.dtype).bits // 8
+        latents = batch * C * T * H * W * el
+        acts = batch * tokens * cfg.hidden_size * el * int(4 + cfg.mlp_ratio)
+        pixels = 3 * frames * height * width * 4  # float32 frames in [-1, 1]
+        return {"device": latents * 2 + acts + batch * pixels, "host": samples * pixels}
+
+    def check_memory(self, frames: int, height: int, width: int, batch: int, samples: int) -> None:
+        """Refuse, before allocating anything, a size whose memory_estimate exceeds the free memory."""
+        need = self.memory_estimate(frames, height, width, batch, samples)
+        import psutil
+
+        free_host = psutil.virtual_memory().available
+        free_dev = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        checks = [("host memory", need["host"] + (need["device"] if free_dev is None else 0), free_host)]
+        if free_dev is not None:
+            checks.append((f"{self.device} memory", need["device"], free_dev))
+        for where, n, free in checks:
+            if n > free:
+                raise MemoryError(f"{width}x{height} with {frames} frames needs at least {n / 2**30:.1f} GiB of "
+                                  f"{where} (batch {batch}, {samples} samples), only {free / 2**30:.1f} GiB is free; "
+                                  "lower the resolution, --frames or --batch-size")
+
     @torch.no_grad()
     def velocity(self, x, t, text, mask):
         tt = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)

@@ -132,3 +132,26 @@ def average_gradients(params, group) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad, group=group)
             p.grad.div_(n)
+
+
+# ---- non-finite steps ------------------------------------------------------------------------------------
+def nan_grads_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` unchanged when finite; otherwise `loss * NaN`, whose backward makes every gradient it reaches NaN.
+
+    A non-finite loss can still have finite gradients (a NaN term that no parameter feeds); this turns it
+    into a non-finite gradient norm, which every engine treats as a step to skip (DeepSpeed through its own
+    overflow check), with no host synchronisation here."""
+    bad = ~torch.isfinite(loss.detach())
+    return loss * torch.where(bad, torch.full_like(loss.detach(), float("nan")), torch.ones_like(loss.detach()))
+
+
+def all_ranks_true(flag: bool, device: torch.device | str = "cpu", group=None) -> bool:
+    """True only if `flag` is true on every rank of `group` (the world by default): a decision every rank takes
+    the same way (skip an update, stop a run)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return bool(flag)
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_apt.models.mmdit import MMDiT, drop_padded_text, joint_key_mask
+from megatron_apt.parallel.comm import nan_grads_if_nonfinite
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -427,8 +428,9 @@ class PipelineRunner:
                     return output.sum() * 0, {}
                 loss, metrics = loss_fn(output, item)
                 # megatron divides each micro-batch's loss by the number of micro-batches; our losses are
-                # already scaled for the exact global batch
-                return loss * n, metrics
+                # already scaled for the exact global batch. A non-finite loss makes the gradients NaN: the
+                # engine then skips the update on every stage
+                return nan_grads_if_nonfinite(loss) * n, metrics
 
             return out, loss_func
 

@@ -6,6 +6,11 @@ loss of the exact global batch (see `trainer.batching`). Engines average gradien
 never rescale by accumulation steps (DeepSpeed: `managed_gradient_accumulation: false`,
 `backward(..., scale_wrt_gas=False)`), so ragged micro-batches form an exact global batch.
 
+Non-finite steps: a micro-batch loss that is not finite is turned into NaN gradients (`backward`), and an
+update whose gradient norm is not finite is skipped on every rank (`skipped` says so; the EMA does not move).
+DeepSpeed's ZeRO optimizer skips such an update itself (its overflow check); the torch engine asks every rank,
+the pipeline engine's norm is global already.
+
 EMA: kept like the parameters it follows. Under ZeRO-3 it is one fp32 tensor per flat partition of the
 fp32 master weights (this rank's shard only); in the torch engine one fp32 tensor per parameter.
 """
@@ -98,6 +103,7 @@ class TorchEngine:
         self.precision = precision
         self.group = group
         self.ema: list[torch.Tensor] | None = None
+        self.skipped = False  # whether the last step() skipped its update (a non-finite loss or gradient norm)
 
     def __call__(self, *args, **kwargs):
         dev = next(self.module.parameters()).device.type
@@ -116,18 +122,26 @@ class TorchEngine:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        comm.nan_grads_if_nonfinite(loss).backward()
 
     def step(self) -> float:
         params = self.params()
         comm.average_gradients(params, self.group)
         norm = grad_norm(params)
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        if all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+        # tensor-parallel ranks hold different gradients: every rank skips if any rank sees a non-finite norm
+        self.skipped = not comm.all_ranks_true(math.isfinite(norm), params[0].device if params else "cpu")
+        if not self.skipped:
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether this rank's weights (and EMA) are all finite."""
+        ts = [p for p in self.module.parameters()] + list(self.ema or [])
+        return all(bool(torch.isfinite(t).all()) for t in ts)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -139,6 +153,8 @@ class TorchEngine:
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
+        if self.skipped:  # a skipped update leaves the average where it was
+            return
         for e, p in zip(self.ema, self.module.parameters()):
             e.lerp_(p.detach().float(), 1.0 - decay)
 
@@ -237,12 +253,34 @@ class DeepSpeedEngine(TorchEngine):
         return self.engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.backward(comm.nan_grads_if_nonfinite(loss), scale_wrt_gas=False)
 
     def step(self) -> float:
+        # ZeRO's (and the bf16 optimizer's) step skips the update itself when the global gradient norm (over the
+        # ZeRO and model-parallel groups) is not finite: DeepSpeed's overflow handling, the same decision on
+        # every rank. A bare optimizer (ZeRO-0 in fp32) checks nothing: then the gradients are checked here and
+        # dropped (an update without gradients changes nothing) when any rank's are not finite.
+        if not hasattr(self.engine.optimizer, "overflow"):
+            params = self.params()
+            own = grad_norm(params)  # this rank's, before DeepSpeed averages over data parallel
+            self.skipped = not comm.all_ranks_true(math.isfinite(own), params[0].device if params else "cpu")
+            if self.skipped:
+                for p in params:
+                    p.grad = None
+            self.engine.step()
+            return own
         self.engine.step()
+        self.skipped = not self.engine.was_step_applied()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else float("nan")
+        return float("nan") if self.skipped and math.isfinite(norm) else norm
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        zopt = self.engine.optimizer  # the fp32 masters: ZeRO-3's flat partitions, ZeRO-1/2's single partitions
+        masters = (getattr(zopt, "fp32_partitioned_groups_flat", None)
+                   or getattr(zopt, "single_partition_of_fp32_groups", None) or list(self.module.parameters()))
+        return all(bool(torch.isfinite(t).all()) for t in list(masters) + list(self.ema or []))
 
     def set_lr(self, lr: float) -> None:
         for g in self.engine.optimizer.param_groups:
@@ -259,6 +297,8 @@ class DeepSpeedEngine(TorchEngine):
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
+        if self.skipped:
+            return
         for e, m in zip(self.ema, self._masters()):
             e.lerp_(m.detach().float(), 1.0 - decay)
 
@@ -405,7 +445,8 @@ class PipelineEngine(TorchEngine):
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(coef)
-        if math.isfinite(norm):  # the same decision on every rank: the norm is global
+        self.skipped = not math.isfinite(norm)  # the same decision on every rank: the norm is global
+        if not self.skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm

@@ -1,9 +1,10 @@
 """The trainer: one loop for the four stages (flow matching, consistency distillation, APT image/video).
 
-It owns the process groups, the exact-batch plan, the data order, checkpoints (atomic `step-N` folders,
-resume by rerunning the same command), telemetry (status line, metrics.jsonl, optional wandb) and the
-health guards (non-finite steps skipped, discriminator collapse detected). Methods (megatron_apt.methods) own
-their models, engines and losses.
+It owns the process groups, the exact-batch plan, the data order, checkpoints (atomic `step-N` folders with
+recorded checksums, verified on resume with a fall back to the previous one; resume by rerunning the same
+command), telemetry (status line, metrics.jsonl in strict JSON, optional wandb) and the health guards
+(non-finite steps skipped and counted, the run stopped after `max_bad_steps` in a row; discriminator collapse
+detected). Methods (megatron_apt.methods) own their models, engines and losses.
 """
 
 from __future__ import annotations
@@ -20,15 +21,22 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megatron_apt.checkpoint import integrity
+from megatron_apt.checkpoint.integrity import CheckpointError
 from megatron_apt.config.train import TrainConfig, config_to_dict, dump_config
 from megatron_apt.parallel import ParallelDims, init_distributed, initialize_model_parallel, parallelize_mmdit
+from megatron_apt.parallel.comm import all_ranks_true
 from megatron_apt.trainer.batching import plan_batch
 from megatron_apt.data.loader import IndexedData, StepSampler, SyntheticData, collate
-from megatron_apt.utils import atomic_write, atomic_write_json, fsync_dir, get_logger
+from megatron_apt.utils import atomic_write, atomic_write_json, fsync_dir, get_logger, json_safe, strict_dumps
 
 log = get_logger("megatron_apt.trainer")
 
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # 2: trainer.json records every file's size and checksum
+
+
+class TrainingDiverged(RuntimeError):
+    """The run stopped: too many non-finite steps in a row, or weights that are no longer finite."""
 
 
 def _rank() -> int:
@@ -75,6 +83,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.wandb = None
         self.low_d_count = 0
+        self.bad_in_row = 0  # consecutive steps whose update was skipped (non-finite loss or gradient norm)
+        self.bad_total = 0
 
     # ---- building -----------------------------------------------------------------------------------
     def _model_config(self):
@@ -261,12 +271,21 @@ class Trainer:
                 "precision": self.cfg.precision, "shapes": shapes}
 
     def latest_checkpoint(self) -> Path | None:
-        if not self.ckpt_dir.is_dir():
-            return None
-        done = sorted(p for p in self.ckpt_dir.glob("step-*") if (p / "trainer.json").is_file() and not p.name.endswith("partial"))
-        return done[-1] if done else None
+        done = integrity.complete_checkpoints(self.ckpt_dir)
+        return done[0] if done else None
+
+    def _ensure_finite_weights(self, what: str) -> None:
+        """Refuse to write weights that are not finite (on any rank)."""
+        ok = all(e.weights_finite() for e in self.method.engines().values())
+        if not all_ranks_true(ok, self.device):
+            last = self.latest_checkpoint()
+            raise TrainingDiverged(
+                f"the weights are not finite at step {self.step}; not writing the {what}. The last checkpoint is "
+                f"{last if last else 'none'}; lower optim.lr (now {self.cfg.optim.lr:g}) or check the data, then "
+                "rerun (it resumes from that checkpoint)")
 
     def save_checkpoint(self) -> Path:
+        self._ensure_finite_weights("checkpoint")
         name = f"step-{self.step:08d}"
         final = self.ckpt_dir / name
         tmp = self.ckpt_dir / f".{name}.partial"
@@ -288,7 +307,7 @@ class Trainer:
                   "zero_rank": self.ps.get_data_parallel_rank(with_context_parallel=True),
                   "engines": {n: e.layout() for n, e in self.method.engines().items()}}
         atomic_write_json(tmp / f"rank{_rank():05d}.json", layout)
-        _barrier()
+        files = self._gather_digests(tmp)
         if _rank() == 0:
             models = {}
             for n, e in self.method.engines().items():
@@ -301,22 +320,98 @@ class Trainer:
                                                       "models": models, "tp": self.dims.tp, "sp": self.dims.sp,
                                                       "world_size": dist.get_world_size(),
                                                       "fingerprint": self._fingerprint(),
-                                                      "history_tail": self.history[-5:],
-                                                      "low_d_count": self.low_d_count})
+                                                      "history_tail": [json_safe(h) for h in self.history[-5:]],
+                                                      "low_d_count": self.low_d_count,
+                                                      "bad_steps": [self.bad_in_row, self.bad_total],
+                                                      "files": files})
             fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(self.ckpt_dir)
-            kept = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir())
+            kept = integrity.step_dirs(self.ckpt_dir)
             for old in kept[: -max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("saved checkpoint %s", final)
         _barrier()
         return final
 
+    def _gather_digests(self, folder: Path) -> dict[str, dict]:
+        """Every rank hashes the files it wrote (right after writing: from the page cache); rank 0 receives
+        all sizes and checksums (one all-gather of int64s) for trainer.json."""
+        mine = []
+        for name in integrity.rank_files(_rank()):
+            size, digest = integrity.file_digest(folder / name)
+            mine += [size, integrity.to_int64(digest)]
+        t = torch.tensor(mine, dtype=torch.int64)
+        world = dist.get_world_size()
+        if world > 1:
+            if dist.get_backend() == "nccl":
+                t = t.to(self.device)
+            parts = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(parts, t)
+        else:
+            parts = [t]
+        files = {}
+        for r, part in enumerate(parts):
+            vals = part.cpu().tolist()
+            for i, name in enumerate(integrity.rank_files(r)):
+                files[name] = integrity.digest_record(vals[2 * i], integrity.from_int64(vals[2 * i + 1]))
+        return files
+
+    def _check_checkpoint(self, path: Path) -> str | None:
+        """This rank's verdict on a checkpoint: None if trainer.json and this rank's files are intact (sizes,
+        checksums, a readable safetensors header), else the reason, naming the file."""
+        try:
+            meta = integrity.read_trainer_meta(path)
+            if meta.get("world_size") != dist.get_world_size():
+                return None  # a layout mismatch, not damage: load_checkpoint says so
+            integrity.verify_files(path, meta, integrity.rank_files(_rank()))
+            f = path / f"rank{_rank():05d}.safetensors"
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(f), framework="pt", device="cpu") as h:
+                    h.keys()
+            except Exception as e:  # safetensors raises its own error types for damaged files
+                raise CheckpointError(f"{f} cannot be read: {' '.join(str(e).split())}") from None
+            json.loads((path / f"rank{_rank():05d}.json").read_text())
+        except CheckpointError as e:
+            return str(e)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return f"{path}: {' '.join(str(e).split())}"
+        return None
+
+    def resume(self) -> Path | None:
+        """Load the newest intact checkpoint. Each rank checks its own files; a checkpoint any rank finds
+        damaged is reported (naming the file), set aside as `step-N.damaged` and the previous one is tried.
+        If every checkpoint is damaged the run stops with CheckpointError (nothing is set aside then)."""
+        damaged: list[tuple[Path, str]] = []
+        for path in integrity.complete_checkpoints(self.ckpt_dir):
+            reason = self._check_checkpoint(path)
+            if all_ranks_true(reason is None, self.device):
+                if damaged:
+                    log.warning("resuming from %s instead: the newer checkpoint(s) %s are set aside as *.damaged",
+                                path, ", ".join(p.name for p, _ in damaged))
+                    if _rank() == 0:
+                        for p, _ in damaged:
+                            aside = p.with_name(p.name + ".damaged")
+                            shutil.rmtree(aside, ignore_errors=True)
+                            os.replace(p, aside)
+                    _barrier()
+                self.load_checkpoint(path)
+                return path
+            damaged.append((path, reason or "damaged on another rank"))
+            if reason is not None:
+                log.warning("checkpoint %s is damaged: %s; falling back to the previous one", path.name, reason)
+        if damaged:
+            raise CheckpointError(f"no intact checkpoint left in {self.ckpt_dir}: "
+                                  + "; ".join(f"{p.name}: {r}" for p, r in damaged)
+                                  + ". Move the folders away to start this run afresh")
+        return None
+
     def load_checkpoint(self, path: Path) -> None:
-        meta = json.loads((path / "trainer.json").read_text())
+        meta = integrity.read_trainer_meta(path)
         fp = self._fingerprint()
         old = meta.get("fingerprint", {})
         if self.dims.pp > 1:  # pipeline stages hold different parameters: compare with this rank's own record
@@ -336,28 +431,59 @@ class Trainer:
         f = path / f"rank{_rank():05d}.safetensors"
         if not f.is_file():
             raise FileNotFoundError(f"checkpoint {path} has no shard for rank {_rank()} ({f.name})")
-        tensors = load_file(str(f), device=str(self.device))
+        try:
+            tensors = load_file(str(f), device=str(self.device))
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{f} cannot be read: {' '.join(str(e).split())}") from None
         for ename, eng in self.method.engines().items():
             pre = f"{ename}."
             eng.load_state_tensors({k[len(pre):]: v for k, v in tensors.items()
                                     if k.startswith(pre) and not k.startswith(pre + "buffer.")})
         self.step = int(meta["step"])
         self.low_d_count = int(meta.get("low_d_count", 0))
+        self.bad_in_row, self.bad_total = (int(v) for v in meta.get("bad_steps", [0, 0]))
         log.info("resumed from %s (step %d)", path, self.step)
 
     # ---- telemetry ------------------------------------------------------------------------------------------
     def _log(self, rec: dict[str, Any]) -> None:
         if _rank() != 0:
             return
+        safe = json_safe(rec)  # strict JSON: a non-finite value is null, its key listed under "nonfinite"
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(strict_dumps(safe) + "\n")
         if self.wandb is not None:
-            self.wandb.log(rec, step=rec["step"])
+            self.wandb.log(safe, step=rec["step"])
         keys = [k for k in ("loss", "d_loss", "g_loss", "ar1", "logit_gap") if k in rec]
         parts = " ".join(f"{k} {rec[k]:9.4f}" for k in keys)
+        perf = f"{rec['tflops']:8.3f} TFLOP/s" if rec["tflops"] is not None else ""
+        if rec["mfu"] is not None:
+            perf += f" mfu {rec['mfu'] * 100:5.1f}%"
+        skipped = " | update skipped (non-finite)" if rec.get("skipped_update") else ""
         print(f"[{self.cfg.stage}] step {rec['step']:6d}/{self.cfg.steps} {parts} | {rec['samples_per_s']:8.2f} "
-              f"samples/s {rec['tflops']:8.3f} TFLOP/s mfu {rec['mfu']*100:5.1f}% | mem {rec['peak_mem_gb']:6.2f} GB",
-              flush=True)
+              f"samples/s {perf} | mem {rec['peak_mem_gb']:6.2f} GB{skipped}", flush=True)
+
+    def _truncate_metrics(self) -> None:
+        """On (re)start, drop the records of steps after the one restored (a killed run logged them, and they
+        are about to be run again), and rewrite old records as strict JSON: each step appears once."""
+        f = self.run_dir / "metrics.jsonl"
+        if _rank() != 0 or not f.is_file():
+            return
+        keep, changed = [], False
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)  # also reads the bare NaN older versions wrote
+            except ValueError:
+                changed = True  # a line cut by a kill
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or rec["step"] > self.step:
+                changed = True
+                continue
+            out = strict_dumps(json_safe(rec))
+            changed |= out != line
+            keep.append(out)
+        if changed:
+            with atomic_write(f, "w") as w:
+                w.write("".join(k + "\n" for k in keep))
 
     def _init_wandb(self) -> None:
         if _rank() != 0 or not self.cfg.wandb_project:
@@ -380,15 +506,29 @@ class Trainer:
                  f"dataset: {len(self.data)} samples, {len(self.sampler.buckets)} shape bucket(s)"]
         return "\n".join(lines)
 
+    def _prepare_run_dir(self) -> None:
+        """Rank 0 creates the run folder, writes the resolved config and removes what a killed run left
+        (interrupted checkpoint and export folders). Every rank learns whether that worked: an unwritable
+        run_dir stops all ranks with the OSError, not only rank 0."""
+        err: OSError | None = None
+        if _rank() == 0:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                with atomic_write(self.run_dir / "config.yaml", "w") as f:
+                    f.write(dump_config(self.cfg))
+                for stale in [*self.ckpt_dir.glob(".step-*.partial"), *(self.run_dir / "export").glob(".*.partial"),
+                              *(self.run_dir / "export").glob(".*.old-*")]:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except OSError as e:
+                err = e
+        if not all_ranks_true(err is None, self.device):
+            raise err if err is not None else OSError(f"rank 0 could not prepare the run folder {self.run_dir}")
+
     def train(self) -> list[dict[str, Any]]:
         c = self.cfg
-        if _rank() == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_write(self.run_dir / "config.yaml", "w") as f:
-                f.write(dump_config(c))
-        latest = self.latest_checkpoint()
-        if latest is not None:
-            self.load_checkpoint(latest)
+        self._prepare_run_dir()
+        self.resume()
+        self._truncate_metrics()
         if _rank() == 0:
             log.info("%s", self.describe())
         self._init_wandb()
@@ -410,15 +550,21 @@ class Trainer:
             self.step += 1
             dt = time.perf_counter() - t0
             finite = all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss"))
+            # an engine skips an update whose gradient norm is not finite (a non-finite loss gives one)
+            skipped = [n for n, e in self.method.engines().items() if getattr(e, "skipped", False)]
+            # every rank takes the same decision (the engines already agree; the losses are global means)
+            bad = not all_ranks_true(finite and not skipped, self.device)
             flops = self.method.model_flops(x_shape, text_len) * c.global_batch
             world = dist.get_world_size()
+            known = math.isfinite(flops) and math.isfinite(peak)  # CPU: no datasheet peak, MFU unknown
             rec = {"step": self.step, **{k: float(v) for k, v in metrics.items()}, "step_time_s": dt,
-                   "samples_per_s": c.global_batch / dt, "tflops": flops / dt / 1e12 / world if math.isfinite(flops) else float("nan"),
-                   "mfu": (flops / dt / world / peak) if math.isfinite(flops) else float("nan"),
+                   "samples_per_s": c.global_batch / dt,
+                   "tflops": flops / dt / 1e12 / world if math.isfinite(flops) else None,
+                   "mfu": (flops / dt / world / peak) if known else None,
                    "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else _rss_gb(),
-                   "finite": finite}
+                   "finite": finite, "skipped_update": bad}
             self.history.append(rec)
-            if self.step % c.log_every == 0 or self.step == c.steps:
+            if self.step % c.log_every == 0 or self.step == c.steps or bad:
                 self._log(rec)
             self._health(rec)
             if c.sample_every and self.step % c.sample_every == 0:
@@ -444,9 +590,23 @@ class Trainer:
         return base
 
     def _health(self, rec: dict[str, Any]) -> None:
-        if not rec["finite"]:
-            log.warning("step %d: non-finite loss %s; the optimizer step was skipped where the engine allows",
-                        rec["step"], {k: v for k, v in rec.items() if k.endswith("loss")})
+        if rec["skipped_update"]:
+            self.bad_in_row += 1
+            self.bad_total += 1
+            vals = {k: v for k, v in rec.items() if k.endswith("loss") or k.endswith("grad_norm")}
+            if _rank() == 0:
+                log.warning("step %d: non-finite loss or gradient norm %s: the update was skipped on every rank (%d in "
+                            "a row, %d in this run; the run stops at %d in a row)", rec["step"], vals,
+                            self.bad_in_row, self.bad_total, self.cfg.max_bad_steps)
+            if self.bad_in_row >= self.cfg.max_bad_steps:
+                last = self.latest_checkpoint()
+                raise TrainingDiverged(
+                    f"stopped at step {rec['step']}: {self.bad_in_row} steps in a row had a non-finite loss or gradient "
+                    f"norm (max_bad_steps={self.cfg.max_bad_steps}); their updates were skipped, and the run stops "
+                    f"without saving or exporting. The last checkpoint is {last if last else 'none'}; lower optim.lr (now "
+                    f"{self.cfg.optim.lr:g}) or check the data, then rerun (it resumes from that checkpoint)")
+        else:
+            self.bad_in_row = 0
         if "d_adv" in rec:
             if rec["d_adv"] < self.cfg.apt.collapse_d_loss:
                 self.low_d_count += 1
@@ -462,7 +622,7 @@ class Trainer:
                     last = self.latest_checkpoint()
                     if last is not None:
                         log.warning("rolling back to %s", last)
-                        self.load_checkpoint(last)
+                        self.resume()
                         self.low_d_count = 0
 
     # ---- outputs ------------------------------------------------------------------------------------------------
@@ -479,6 +639,7 @@ class Trainer:
 
         out = self.run_dir / "export"
         engines = self.method.engines()
+        self._ensure_finite_weights("export")
         if self.dims.pp > 1:
             self._export_from_checkpoint(out)
             return

@@ -202,11 +202,13 @@ def test_buffers_come_from_the_checkpoint_the_init_model_or_the_config(runs, tmp
     shutil.copytree(step, ck)
     for f in ck.glob("rank*.safetensors"):
         save_file({**load_file(str(f)), "model.buffer.pos_table": table + 2.0}, str(f))
+        _rerecord_checksum(ck, f.name)  # a deliberate edit, not damage
     assert _cli("consolidate", "--input", ck, "--model", "model", "--output", tmp_path / "c") == 0
     assert "recomputed" not in capsys.readouterr().out
     assert torch.equal(load_file(str(tmp_path / "c" / "model.safetensors"))["pos_table"], table + 2.0)
     for f in ck.glob("rank*.safetensors"):  # an older checkpoint without buffers: recomputed from the config
         save_file({k: v for k, v in load_file(str(f)).items() if ".buffer." not in k}, str(f))
+        _rerecord_checksum(ck, f.name)
     assert _cli("consolidate", "--input", ck, "--model", "model", "--output", tmp_path / "d") == 0
     assert "pos_table recomputed from the model config" in capsys.readouterr().out
     assert torch.equal(load_file(str(tmp_path / "d" / "model.safetensors"))["pos_table"], table)
@@ -286,6 +288,14 @@ def test_reshard_round_trip_and_tp_shards_feed_a_parallel_model(runs, tmp_path):
     assert errs["generator_scale"] > 1e-3 and errs["discriminator_scale"] > 1e-3
 
 
+def _rerecord_checksum(step, name):
+    from megatron_apt.checkpoint import integrity
+
+    meta = json.loads((step / "trainer.json").read_text())
+    meta["files"][name] = integrity.digest_record(*integrity.file_digest(step / name))
+    (step / "trainer.json").write_text(json.dumps(meta))
+
+
 def _corrupt_copy(step, dst, how):
     shutil.copytree(step, dst)
     if how == "missing":
@@ -298,6 +308,7 @@ def _corrupt_copy(step, dst, how):
         lay = json.loads(j.read_text())
         lay["engines"]["G"]["groups"][0][0][1] = [16, 32]  # patch_embed.weight is [32, 16]
         j.write_text(json.dumps(lay))
+        _rerecord_checksum(dst, j.name)  # a consistent but wrong layout (not a damaged file)
     return dst
 
 
@@ -347,3 +358,54 @@ def test_cli_exit_status_and_message_in_a_subprocess(runs, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "rank00001.safetensors" in r.stderr and "truncated" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_crafted_name_in_trainer_json_is_refused_and_nothing_is_written_outside_output(runs, tmp_path, capsys):
+    """Names read from a checkpoint are data: a model named ../../x must not become a folder two levels up."""
+    base, _ = runs
+    step = sorted((base / "torch" / "checkpoints").glob("step-*"))[-1]
+    work = tmp_path / "a" / "b"
+    src = work / "in"
+    shutil.copytree(step, src)
+    meta = json.loads((src / "trainer.json").read_text())
+    meta["models"] = {"../../x": meta["models"]["model"]}
+    (src / "trainer.json").write_text(json.dumps(meta))
+    from safetensors.torch import save_file
+
+    for r in range(meta["world_size"]):  # a consistent crafted checkpoint: layouts and tensors use the name too
+        j, f = src / f"rank{r:05d}.json", src / f"rank{r:05d}.safetensors"
+        lay = json.loads(j.read_text())
+        lay["engines"] = {"../../x": lay["engines"]["model"]}
+        j.write_text(json.dumps(lay))
+        save_file({"../../x." + k[len("model."):]: v for k, v in load_file(str(f)).items()}, str(f))
+        _rerecord_checksum(src, j.name)
+        _rerecord_checksum(src, f.name)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert _cli("consolidate", "--input", src, "--output", work / "out") == 2
+    err = capsys.readouterr().err
+    assert "'../../x' is not a plain name" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_consolidate_verifies_checksums_and_falls_back_from_a_damaged_latest(runs, tmp_path, capsys, caplog):
+    base, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(base / "torch", run)
+    step1 = sorted((run / "checkpoints").glob("step-*"))[-1]
+    older = run / "checkpoints" / "step-00000000"
+    shutil.copytree(step1, older)  # an older complete checkpoint to fall back to
+    meta = json.loads((older / "trainer.json").read_text())
+    meta["step"] = 0
+    (older / "trainer.json").write_text(json.dumps(meta))
+    f = step1 / "rank00001.safetensors"
+    b = bytearray(f.read_bytes())
+    b[-32] ^= 0x01  # one flipped bit
+    f.write_bytes(bytes(b))
+    assert _cli("consolidate", "--input", step1, "--output", tmp_path / "o1") == 2  # the named step: refused
+    err = capsys.readouterr().err
+    assert "rank00001.safetensors does not match its recorded checksum" in err, err
+    assert not (tmp_path / "o1").exists()
+    with caplog.at_level("WARNING"):
+        assert _cli("consolidate", "--input", run, "--output", tmp_path / "o2") == 0  # the run: its previous one
+    assert any("rank00001.safetensors" in r.getMessage() and "previous" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "o2" / "model" / "config.json").read_text())["source"]["step"] == 0

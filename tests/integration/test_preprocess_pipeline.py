@@ -142,6 +142,21 @@ def test_sigkill_then_resume_gives_the_same_data_set(toy, tmp_path):
     _files_equal(ref, out)
 
 
+def test_finished_parts_are_removed_and_os_errors_are_one_line(toy, tmp_path, capsys):
+    out = tmp_path / "ds"
+    run(*_args(toy, out, "--keep-parts"))  # as a run killed after building its shard, before removing the parts
+    assert Path(f"{out}.parts").is_dir()
+    run(*_args(toy, out))  # the next run finds the shard complete and removes the leftover
+    assert not Path(f"{out}.parts").exists() and indexed.is_complete(out)
+    blocker = tmp_path / "file"  # a file where the output folder should go: fails for any user, root included
+    blocker.write_text("x")
+    capsys.readouterr()
+    assert main(_args(toy, blocker / "ds")) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(blocker) in lines[0], lines
+    assert blocker.read_text() == "x"
+
+
 def test_two_ranks_plus_merge_equal_one_rank(toy, tmp_path):
     single = tmp_path / "single"
     run(*_args(toy, single))
