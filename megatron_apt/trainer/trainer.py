@@ -19,21 +19,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
-from megatron_apt.checkpoint import integrity
-from megatron_apt.checkpoint.integrity import CheckpointError
+from megatron_apt.checkpoint.training import CheckpointStore
 from megatron_apt.config.train import TrainConfig, config_to_dict, dump_config
 from megatron_apt.parallel import ParallelDims, init_distributed, initialize_model_parallel, parallelize_mmdit
 from megatron_apt.parallel.comm import all_ranks_true
 from megatron_apt.trainer.batching import plan_batch
 from megatron_apt.data.loader import IndexedData, StepSampler, SyntheticData, collate
-from megatron_apt.utils import atomic_write, atomic_write_json, fsync_dir, get_logger, json_safe, strict_dumps
+from megatron_apt.utils import atomic_write, get_logger, json_safe, strict_dumps
 
 log = get_logger("megatron_apt.trainer")
-
-CKPT_VERSION = 2  # 2: trainer.json records every file's size and checksum
-
 
 class TrainingDiverged(RuntimeError):
     """The run stopped: too many non-finite steps in a row, or weights that are no longer finite."""
@@ -64,6 +59,7 @@ class Trainer:
         self.plan = plan_batch(cfg.global_batch, self.dims.dp, cfg.micro_batch)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.checkpoints = CheckpointStore(self.ckpt_dir, self.device, cfg.keep_checkpoints)
         self.data = self._build_data()
         self.sampler = StepSampler(self.data, cfg.global_batch, cfg.seed)
         from megatron_apt.methods import METHODS, MethodContext
@@ -128,7 +124,7 @@ class Trainer:
     def check_model_kinds(self) -> None:
         """Refuse, in one line, a model directory of the wrong kind for its role (a generator given as the
         teacher, a diffusion model as APT's G-hat, ...)."""
-        from megatron_apt.models.io import read_model_dir
+        from megatron_apt.checkpoint.model_dir import read_model_dir
 
         c = self.cfg
         for role, allowed in self.EXPECTED_KINDS[c.stage].items():
@@ -175,7 +171,8 @@ class Trainer:
         return feats.float().to(self.device), mask.to(self.device)
 
     def load_or_build_backbone(self, path: str | None, parallel: bool = True):
-        from megatron_apt.models import build_mmdit, load_mmdit
+        from megatron_apt.models import build_mmdit
+        from megatron_apt.checkpoint.model_dir import load_mmdit
 
         if path:
             model = load_mmdit(path)
@@ -197,7 +194,8 @@ class Trainer:
         from megatron_apt.models.discriminator import Discriminator, OneStepGenerator
 
         if self.cfg.parallel.engine == "pipeline":
-            from megatron_apt.parallel.pipeline import load_pipeline_stage, make_pipeline_stage
+            from megatron_apt.checkpoint.model_dir import load_pipeline_stage
+            from megatron_apt.parallel.pipeline import make_pipeline_stage
 
             pp_rank, pp = self.ps.get_pipeline_model_parallel_rank(), self.dims.pp
             layers = None if kind == "discriminator" else self.cfg.parallel.pipeline_layers
@@ -271,8 +269,7 @@ class Trainer:
                 "precision": self.cfg.precision, "shapes": shapes}
 
     def latest_checkpoint(self) -> Path | None:
-        done = integrity.complete_checkpoints(self.ckpt_dir)
-        return done[0] if done else None
+        return self.checkpoints.latest()
 
     def _ensure_finite_weights(self, what: str) -> None:
         """Refuse to write weights that are not finite (on any rank)."""
@@ -286,159 +283,27 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         self._ensure_finite_weights("checkpoint")
-        name = f"step-{self.step:08d}"
-        final = self.ckpt_dir / name
-        tmp = self.ckpt_dir / f".{name}.partial"
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
-        tensors = {}
-        for ename, eng in self.method.engines().items():
-            for k, v in eng.state_tensors().items():
-                tensors[f"{ename}.{k}"] = v.detach().cpu().contiguous()
-            if eng.kind == "deepspeed":  # ZeRO-3 state holds no buffers (e.g. SD3's sin-cos table)
-                for k, b in eng.module.named_buffers():
-                    tensors[f"{ename}.buffer.{k}"] = b.detach().cpu().contiguous()
-        # the folder is renamed into place only when every rank has written: no partial step-N is ever visible
-        save_file(tensors, str(tmp / f"rank{_rank():05d}.safetensors"))
-        layout = {"rank": _rank(), "tp_rank": self.ps.get_tensor_model_parallel_rank(),
-                  "pp_rank": self.ps.get_pipeline_model_parallel_rank(),
-                  "zero_rank": self.ps.get_data_parallel_rank(with_context_parallel=True),
-                  "engines": {n: e.layout() for n, e in self.method.engines().items()}}
-        atomic_write_json(tmp / f"rank{_rank():05d}.json", layout)
-        files = self._gather_digests(tmp)
-        if _rank() == 0:
-            models = {}
-            for n, e in self.method.engines().items():
-                mod = e.module.backbone if hasattr(e.module, "backbone") else e.module
-                models[n] = {"model": mod.config.to_dict(),
-                             "head_layers": list(getattr(e.module, "head_layers", [])) or None,
-                             "kind": {"G": "generator", "D": "discriminator"}.get(
-                                 n, "consistency" if self.cfg.stage == "cd" else "diffusion")}
-            atomic_write_json(tmp / "trainer.json", {"version": CKPT_VERSION, "step": self.step,
-                                                      "models": models, "tp": self.dims.tp, "sp": self.dims.sp,
-                                                      "world_size": dist.get_world_size(),
-                                                      "fingerprint": self._fingerprint(),
-                                                      "history_tail": [json_safe(h) for h in self.history[-5:]],
-                                                      "low_d_count": self.low_d_count,
-                                                      "bad_steps": [self.bad_in_row, self.bad_total],
-                                                      "files": files})
-            fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.ckpt_dir)
-            kept = integrity.step_dirs(self.ckpt_dir)
-            for old in kept[: -max(1, self.cfg.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
-            log.info("saved checkpoint %s", final)
-        _barrier()
-        return final
-
-    def _gather_digests(self, folder: Path) -> dict[str, dict]:
-        """Every rank hashes the files it wrote (right after writing: from the page cache); rank 0 receives
-        all sizes and checksums (one all-gather of int64s) for trainer.json."""
-        mine = []
-        for name in integrity.rank_files(_rank()):
-            size, digest = integrity.file_digest(folder / name)
-            mine += [size, integrity.to_int64(digest)]
-        t = torch.tensor(mine, dtype=torch.int64)
-        world = dist.get_world_size()
-        if world > 1:
-            if dist.get_backend() == "nccl":
-                t = t.to(self.device)
-            parts = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(parts, t)
-        else:
-            parts = [t]
-        files = {}
-        for r, part in enumerate(parts):
-            vals = part.cpu().tolist()
-            for i, name in enumerate(integrity.rank_files(r)):
-                files[name] = integrity.digest_record(vals[2 * i], integrity.from_int64(vals[2 * i + 1]))
-        return files
-
-    def _check_checkpoint(self, path: Path) -> str | None:
-        """This rank's verdict on a checkpoint: None if trainer.json and this rank's files are intact (sizes,
-        checksums, a readable safetensors header), else the reason, naming the file."""
-        try:
-            meta = integrity.read_trainer_meta(path)
-            if meta.get("world_size") != dist.get_world_size():
-                return None  # a layout mismatch, not damage: load_checkpoint says so
-            integrity.verify_files(path, meta, integrity.rank_files(_rank()))
-            f = path / f"rank{_rank():05d}.safetensors"
-            try:
-                from safetensors import safe_open
-
-                with safe_open(str(f), framework="pt", device="cpu") as h:
-                    h.keys()
-            except Exception as e:  # safetensors raises its own error types for damaged files
-                raise CheckpointError(f"{f} cannot be read: {' '.join(str(e).split())}") from None
-            json.loads((path / f"rank{_rank():05d}.json").read_text())
-        except CheckpointError as e:
-            return str(e)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            return f"{path}: {' '.join(str(e).split())}"
-        return None
+        engines = self.method.engines()
+        models = {}
+        for n, e in engines.items():
+            mod = e.module.backbone if hasattr(e.module, "backbone") else e.module
+            models[n] = {"model": mod.config.to_dict(), "head_layers": list(getattr(e.module, "head_layers", [])) or None,
+                         "kind": {"G": "generator", "D": "discriminator"}.get(
+                             n, "consistency" if self.cfg.stage == "cd" else "diffusion")}
+        rank_layout = {"tp_rank": self.ps.get_tensor_model_parallel_rank(),
+                       "pp_rank": self.ps.get_pipeline_model_parallel_rank(),
+                       "zero_rank": self.ps.get_data_parallel_rank(with_context_parallel=True)}
+        meta = {"models": models, "tp": self.dims.tp, "sp": self.dims.sp, "fingerprint": self._fingerprint(),
+                "history_tail": [json_safe(h) for h in self.history[-5:]], "low_d_count": self.low_d_count,
+                "bad_steps": [self.bad_in_row, self.bad_total]}
+        return self.checkpoints.save(self.step, engines, rank_layout, meta)
 
     def resume(self) -> Path | None:
-        """Load the newest intact checkpoint. Each rank checks its own files; a checkpoint any rank finds
-        damaged is reported (naming the file), set aside as `step-N.damaged` and the previous one is tried.
-        If every checkpoint is damaged the run stops with CheckpointError (nothing is set aside then)."""
-        damaged: list[tuple[Path, str]] = []
-        for path in integrity.complete_checkpoints(self.ckpt_dir):
-            reason = self._check_checkpoint(path)
-            if all_ranks_true(reason is None, self.device):
-                if damaged:
-                    log.warning("resuming from %s instead: the newer checkpoint(s) %s are set aside as *.damaged",
-                                path, ", ".join(p.name for p, _ in damaged))
-                    if _rank() == 0:
-                        for p, _ in damaged:
-                            aside = p.with_name(p.name + ".damaged")
-                            shutil.rmtree(aside, ignore_errors=True)
-                            os.replace(p, aside)
-                    _barrier()
-                self.load_checkpoint(path)
-                return path
-            damaged.append((path, reason or "damaged on another rank"))
-            if reason is not None:
-                log.warning("checkpoint %s is damaged: %s; falling back to the previous one", path.name, reason)
-        if damaged:
-            raise CheckpointError(f"no intact checkpoint left in {self.ckpt_dir}: "
-                                  + "; ".join(f"{p.name}: {r}" for p, r in damaged)
-                                  + ". Move the folders away to start this run afresh")
-        return None
+        """Load the newest intact checkpoint (see `CheckpointStore.resume`)."""
+        return self.checkpoints.resume(self.load_checkpoint)
 
     def load_checkpoint(self, path: Path) -> None:
-        meta = integrity.read_trainer_meta(path)
-        fp = self._fingerprint()
-        old = meta.get("fingerprint", {})
-        if self.dims.pp > 1:  # pipeline stages hold different parameters: compare with this rank's own record
-            mine = path / f"rank{_rank():05d}.json"
-            lay = json.loads(mine.read_text())["engines"] if mine.is_file() else {}
-            old = {**old, "shapes": {n: {q[0]: q[1] for q in e.get("params", [])} for n, e in lay.items()}}
-        if old.get("layout") != fp["layout"] or meta.get("world_size") != dist.get_world_size():
-            raise ValueError(f"checkpoint {path} was written with layout tp,sp,dp,pp={old.get('layout')} on "
-                             f"{meta.get('world_size')} ranks; this run has {fp['layout']} on {dist.get_world_size()}. "
-                             "Resume needs the same layout (consolidate and start a new run to change it).")
-        if old.get("shapes") != fp["shapes"]:
-            from megatron_apt.models.discriminator import check_head_layout
-
-            check_head_layout(old.get("shapes", {}).get("D", {}), f"checkpoint {path}")
-            raise ValueError(f"checkpoint {path} was written by a model of another shape or kind; refusing to resume "
-                             f"(use another run_dir, or the checkpoint tools to convert it)")
-        f = path / f"rank{_rank():05d}.safetensors"
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint {path} has no shard for rank {_rank()} ({f.name})")
-        try:
-            tensors = load_file(str(f), device=str(self.device))
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise CheckpointError(f"{f} cannot be read: {' '.join(str(e).split())}") from None
-        for ename, eng in self.method.engines().items():
-            pre = f"{ename}."
-            eng.load_state_tensors({k[len(pre):]: v for k, v in tensors.items()
-                                    if k.startswith(pre) and not k.startswith(pre + "buffer.")})
+        meta = self.checkpoints.load(path, self.method.engines(), self._fingerprint(), pipeline=self.dims.pp > 1)
         self.step = int(meta["step"])
         self.low_d_count = int(meta.get("low_d_count", 0))
         self.bad_in_row, self.bad_total = (int(v) for v in meta.get("bad_steps", [0, 0]))
@@ -627,7 +492,7 @@ class Trainer:
 
     # ---- outputs ------------------------------------------------------------------------------------------------
     def _full_state(self, eng, use_ema: bool) -> dict[str, torch.Tensor]:
-        from megatron_apt.parallel.tp_consolidate import consolidate_tp
+        from megatron_apt.checkpoint.tp_consolidate import consolidate_tp
 
         with eng.full_parameters(use_ema=use_ema) as sd:
             sd = {k: v.detach().float().cpu() for k, v in sd.items()}
@@ -635,7 +500,7 @@ class Trainer:
 
     def export(self) -> None:
         """Consolidated safetensors model directories of the stage's products under run_dir/export."""
-        from megatron_apt.models.io import save_state_dir
+        from megatron_apt.checkpoint.model_dir import save_state_dir
 
         out = self.run_dir / "export"
         engines = self.method.engines()

@@ -100,7 +100,7 @@ def _diverging_run(rank, world, run, engine, how):
                 mb["x"] = torch.full_like(mb["x"], float("nan"))
         if how == "nan_weights" and step == 1:  # as if the first update had produced a NaN weight
             with torch.no_grad():
-                next(self.stage.engine.module.parameters()).view(-1)[0] = float("nan")
+                next(self.method.engine.module.parameters()).view(-1)[0] = float("nan")
         return out
 
     Trainer.micro_batches = micro_batches
@@ -168,7 +168,8 @@ def _damage_and_resume(rank, world, base):
     Trainer(load_config(None, cfg + [f"run_dir={base}/ref"])).train()
     ref4 = load_file(str(base / "ref/checkpoints/step-00000004" / f"rank{rank:05d}.safetensors"))
     cap = _Capture()
-    logging.getLogger("megatron_apt.trainer").addHandler(cap)
+    for name in ("megatron_apt.trainer", "megatron_apt.checkpoint"):  # the run and its checkpoint store
+        logging.getLogger(name).addHandler(cap)
     out = {}
     for case, (name, damage) in DAMAGE.items():
         run = base / case

@@ -1,0 +1,48 @@
+"""Checkpoints that fit: the last `keep_checkpoints` are kept, a save that would not fit the disk stops the run
+with a clear message before anything is written, and the previous checkpoint stays intact."""
+
+import pytest
+
+from tests.helpers.ranks import run_distributed
+
+COMMON = ["data.synthetic=true", "data.synthetic_shape=[4,1,8,8]", "data.synthetic_size=8", "precision=fp32",
+          "stage=flow", "parallel.engine=torch", "global_batch=2", "micro_batch=2", "log_every=1", "save_every=1"]
+
+
+def _run(rank, world, run, steps, keep, full_disk):
+    from megatron_apt.checkpoint import integrity, training
+    from megatron_apt.checkpoint.integrity import CheckpointError
+    from megatron_apt.config.train import load_config
+    from megatron_apt.trainer.trainer import Trainer
+
+    if full_disk:
+        training._free_bytes = lambda path: 1 << 20  # 1 MiB left
+    out = {}
+    try:
+        Trainer(load_config(None, COMMON + [f"run_dir={run}", f"steps={steps}", f"keep_checkpoints={keep}"])).train()
+    except CheckpointError as e:
+        out["error"] = str(e)
+    ck = integrity.step_dirs(f"{run}/checkpoints")
+    out["steps"] = [p.name for p in ck]
+    out["intact"] = [integrity.verify_checkpoint(p)["step"] for p in ck]
+    out["partial"] = sorted(p.name for p in (ck[0].parent if ck else __import__("pathlib").Path(run)).glob(".*"))
+    return out
+
+
+@pytest.mark.distributed
+def test_the_last_k_checkpoints_are_kept(tmp_path):
+    r = run_distributed(_run, 1, str(tmp_path / "r"), 5, 2, False)[0]
+    assert r["steps"] == ["step-00000004", "step-00000005"] and r["intact"] == [4, 5] and "error" not in r
+
+
+@pytest.mark.distributed
+def test_a_full_disk_stops_before_writing_and_keeps_the_previous_checkpoint(tmp_path):
+    run = str(tmp_path / "r")
+    first = run_distributed(_run, 1, run, 2, 2, False)[0]
+    assert first["steps"] == ["step-00000001", "step-00000002"]
+    full = run_distributed(_run, 1, run, 4, 2, True)[0]
+    msg = full["error"]
+    assert "not enough free space" in msg and "step-00000003" in msg and "step-00000002 is intact" in msg
+    assert "\n" not in msg
+    assert full["steps"] == ["step-00000001", "step-00000002"] and full["intact"] == [1, 2]
+    assert not full["partial"]  # nothing half-written
