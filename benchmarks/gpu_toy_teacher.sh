@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pretrains toy diffusion teachers (flow matching) on one GPU within a wall-clock budget, then scores each
 # with tools/evaluate.py (25 Euler steps, CFG 7.5) on held-out toy data. Several variants train at once on
-# the one GPU (a toy model leaves most of it idle). The shipped examples/toy/diffusion came from this script.
+# the one GPU (a toy model leaves most of it idle). examples/toy/README.md reports what it measured.
 #
 #   bash benchmarks/gpu_toy_teacher.sh OUT [BUDGET_S] ["name: overrides" ...]
 #   e.g. bash benchmarks/gpu_toy_teacher.sh out 420 "toy:" 'wide: model.overrides={"hidden_size":192,"num_heads":6}'
@@ -29,7 +29,7 @@ for v in "$@"; do names+=("${v%%:*}"); overrides+=("${v#*:}"); done
 run() {  # name steps run_dir [extra...]
   local i=$1 steps=$2 dir=$3; shift 3
   # shellcheck disable=SC2086  # a variant's overrides are words separated by spaces
-  ${PREFIX:-} python3 pretrain_apt.py --config examples/configs/toy_diffusion.yaml data.path="$W/videos,$W/images" \
+  ${PREFIX:-} python3 pretrain_apt.py --config examples/configs/toy_diffusion_gpu.yaml data.path="$W/videos,$W/images" \
     run_dir="$dir" steps="$steps" ${overrides[$i]} "$@"
 }
 if [ -z "${STEPS:-}" ]; then

@@ -77,7 +77,7 @@ def verify_against_diffusers(model, diffusers_dir: str, tol: float = 1e-4) -> fl
 
 def cmd_import_diffusers(a) -> None:
     from megatron_apt.checkpoint.diffusers_sd3 import import_diffusers
-    from megatron_apt.models import load_mmdit
+    from megatron_apt.checkpoint.model_dir import load_mmdit
 
     model = import_diffusers(a.input, a.output, overwrite=a.overwrite)
     _summary(model, f"imported {a.input} -> {a.output}")
@@ -87,7 +87,7 @@ def cmd_import_diffusers(a) -> None:
 
 def cmd_export_diffusers(a) -> None:
     from megatron_apt.checkpoint.diffusers_sd3 import export_diffusers
-    from megatron_apt.models import load_mmdit
+    from megatron_apt.checkpoint.model_dir import load_mmdit
 
     model = load_mmdit(a.input)
     export_diffusers(model, a.output, overwrite=a.overwrite)

@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from megatron_apt.checkpoint import integrity
 from megatron_apt.checkpoint.integrity import CheckpointError
 from megatron_apt.config.model import DiscriminatorConfig, MMDiTConfig, get_model_config
-from megatron_apt.models.io import CONFIG_NAME, FORMAT, WEIGHTS_NAME
+from megatron_apt.checkpoint.model_dir import CONFIG_NAME, FORMAT, WEIGHTS_NAME
 from megatron_apt.utils import atomic_directory, check_plain_name, get_logger
 
 log = get_logger("megatron_apt.checkpoint")
@@ -1125,7 +1125,7 @@ def export_generator(src: str | Path, output: str | Path, ema: bool = True, dtyp
     with atomic_directory(output, overwrite=overwrite) as tmp:
         write_model_files(tmp, state, meta_out)
         if verify:
-            from megatron_apt.models.io import load_mmdit
+            from megatron_apt.checkpoint.model_dir import load_mmdit
 
             load_mmdit(tmp, expect_kind=("generator",))  # what generation code does
             ref = _instantiate(meta_out, src_state) if dt in (None, torch.float32) else None

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_apt.config.model import MMDiTConfig
-from megatron_apt.models.io import save_mmdit
+from megatron_apt.checkpoint.model_dir import save_mmdit
 from megatron_apt.models.mmdit import MMDiT
 from megatron_apt.utils import atomic_directory
 

@@ -79,7 +79,6 @@ class IndexedData:
                              f"{self.text_dim}")
         return {"x": x, "text": text}
 
-
     def preload(self, device) -> None:
         """Hold every sample on `device`: media [N, C, T, H, W] per shape (uint8 for pixel data sets) and
         text as padded token ids or features."""
@@ -88,7 +87,7 @@ class IndexedData:
         for i, k in enumerate(shapes):
             by_shape.setdefault(k, []).append(i)
         where = np.zeros((len(self), 2), dtype=np.int64)  # (bucket, row)
-        media, texts, lengths = [], [], np.zeros(len(self), dtype=np.int64)
+        media, lengths = [], np.zeros(len(self), dtype=np.int64)
         raw = []
         for b, (key, idx) in enumerate(sorted(by_shape.items(), key=lambda kv: str(kv[0]))):
             rows = []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_apt.models.io import load_mmdit, read_model_dir
+from megatron_apt.checkpoint.model_dir import load_mmdit, read_model_dir
 
 
 @dataclass

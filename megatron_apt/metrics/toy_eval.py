@@ -660,7 +660,7 @@ def _number(s: str) -> bool:
 def parse_model_spec(text: str) -> ModelSpec:
     """``NAME=DIR[:steps[:cfg]]``. Without steps: 1 for generator/consistency models, 25 with CFG 7.5 for
     diffusion models (the paper's baseline). The model kind is read from DIR/config.json."""
-    from megatron_apt.models.io import read_model_dir
+    from megatron_apt.checkpoint.model_dir import read_model_dir
 
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:

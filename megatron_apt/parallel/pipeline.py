@@ -34,10 +34,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from megatron_apt.models.mmdit import MMDiT, drop_padded_text, joint_key_mask
+from megatron_apt.models.mmdit import MMDiT, drop_padded_text
 from megatron_apt.parallel.comm import nan_grads_if_nonfinite
 
 
@@ -231,53 +230,6 @@ def make_pipeline_stage(model: nn.Module, stage: int, num_stages: int,
         if not last:
             model.norm = model.proj = None
     return PipelineStage(kind, model, stage, num_stages, ranges[stage], head_layers)
-
-
-def load_pipeline_stage(kind: str, model_dir, stage: int, num_stages: int, *,
-                        layers_per_stage: Iterable[int] | None = None, discriminator_config=None,
-                        head_seed: int | None = None, device="cpu") -> PipelineStage:
-    """Stage `stage` of a model directory, holding only that stage's tensors in memory: the network is
-    built on the meta device, cut, and the stage's tensors are read one by one from the directory's
-    safetensors file (so a rank never holds the whole model, which is what pipeline parallel is for).
-
-    kind: "velocity" (the MMDiT), "generator" (OneStepGenerator) or "discriminator" (a Discriminator on the
-    directory's weights with fresh heads drawn from `head_seed` exactly as `Discriminator.init_heads` draws
-    them for the whole model). Tensor parallel is applied afterwards, to the stage."""
-    from safetensors import safe_open
-
-    from megatron_apt.models.discriminator import Discriminator, OneStepGenerator
-    from megatron_apt.models.io import read_model_dir
-    from megatron_apt.models.mmdit import MMDiTConfig
-
-    meta, weights = read_model_dir(model_dir)
-    cfg = MMDiTConfig.from_dict(meta["model"])
-    with torch.device("meta"):
-        backbone = MMDiT(cfg)
-        model = {"velocity": lambda: backbone, "generator": lambda: OneStepGenerator(backbone),
-                 "discriminator": lambda: Discriminator(backbone, discriminator_config)}[kind]()
-    if kind == "discriminator":  # the heads are small: draw all of them, as for the whole model, then cut
-        for m in (model.heads, model.norm, model.proj):
-            m.to_empty(device="cpu")
-        model.init_heads(generator=torch.Generator().manual_seed(head_seed if head_seed is not None else 0))
-    st = make_pipeline_stage(model, stage, num_stages, layers_per_stage)
-    want = st.backbone.state_dict(keep_vars=True)
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
-            have = set(f.keys())
-            missing = sorted(set(want) - have)
-            if missing:
-                raise ValueError(f"{weights} lacks {len(missing)} tensors of pipeline stage {stage} "
-                                 f"(e.g. {missing[:3]}); is it a model directory of this config?")
-            state = {k: f.get_tensor(k) for k in want}
-    except ValueError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"cannot read {weights}: {e} (truncated or not a safetensors file?)") from e
-    for k, v in want.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{weights}: tensor {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
-    st.backbone.load_state_dict(state, assign=True, strict=True)
-    return st.to(device=device, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -88,7 +88,8 @@ def _tp_parity(rank, world, gen_tp2, disc_tp2, gen_tp1, disc_tp1):
     """A randomly initialised model, parallelized at TP=2, loaded with load_tp_shard, against the TP=1 model."""
     from megatron_apt.checkpoint.convert import load_discriminator, load_tp_shard, probe_forward, tp_partition_dim
     from megatron_apt.config.model import DiscriminatorConfig
-    from megatron_apt.models import Discriminator, build_mmdit, load_mmdit
+    from megatron_apt.models import Discriminator, build_mmdit
+    from megatron_apt.checkpoint.model_dir import load_mmdit
     from megatron_apt.parallel import ParallelDims, initialize_model_parallel, parallelize_mmdit
     from megatron_apt.parallel.state import tp_group
 
@@ -120,7 +121,8 @@ def _tp_parity(rank, world, gen_tp2, disc_tp2, gen_tp1, disc_tp1):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from megatron_apt.checkpoint.convert import make_apt_init
-    from megatron_apt.models import build_mmdit, save_mmdit
+    from megatron_apt.models import build_mmdit
+    from megatron_apt.checkpoint.model_dir import save_mmdit
 
     base = tmp_path_factory.mktemp("ckpt_tools")
     save_debug_models(base)
@@ -144,7 +146,7 @@ def _assert_same_tensors(a_dir, b_dir):
 
 def test_consolidate_equals_trainer_export_and_runtime_forward(runs, tmp_path, capsys):
     from megatron_apt.checkpoint.convert import load_discriminator, probe_forward
-    from megatron_apt.models import load_mmdit
+    from megatron_apt.checkpoint.model_dir import load_mmdit
 
     base, probes = runs
     products = {"tp2": ("generator", "generator_ema", "discriminator"), "dp2": ("generator", "generator_ema",
@@ -215,7 +217,7 @@ def test_buffers_come_from_the_checkpoint_the_init_model_or_the_config(runs, tmp
 
 
 def test_export_generator_from_runs(runs, tmp_path):
-    from megatron_apt.models import load_mmdit
+    from megatron_apt.checkpoint.model_dir import load_mmdit
 
     base, _ = runs
     assert _cli("export-generator", "--input", base / "tp2", "--output", tmp_path / "ema", "--verify") == 0
@@ -233,7 +235,7 @@ def test_make_apt_init_starts_the_apt_stage(runs, tmp_path):
     """init/generator served as model.init of the APT runs; D's backbone is the diffusion weights bit for bit
     and its heads are the ones the APT stage draws (dp2 trained D with lr 1e-30: nothing moved)."""
     from megatron_apt.checkpoint.convert import load_discriminator
-    from megatron_apt.models import load_mmdit
+    from megatron_apt.checkpoint.model_dir import load_mmdit
 
     base, _ = runs
     g = load_mmdit(base / "init" / "generator", expect_kind=("generator",))

@@ -101,7 +101,8 @@ def save_debug_models(base):
     seed 2), with non-zero adaLN gates so every parameter gets a gradient. Returns base."""
     from pathlib import Path
 
-    from megatron_apt.models import build_mmdit, save_mmdit
+    from megatron_apt.models import build_mmdit
+    from megatron_apt.checkpoint.model_dir import save_mmdit
 
     base = Path(base)
     save_mmdit(build_mmdit("debug", zero_init=False, seed=1), base / "diff")

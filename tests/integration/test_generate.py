@@ -15,7 +15,8 @@ TOOL = ROOT / "tools" / "generate.py"
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from tests.helpers.fixtures import make_tiny_text_encoder, make_tiny_wan_vae
-    from megatron_apt.models import build_mmdit, save_mmdit
+    from megatron_apt.models import build_mmdit
+    from megatron_apt.checkpoint.model_dir import save_mmdit
 
     d = tmp_path_factory.mktemp("gen")
     make_tiny_wan_vae(d / "vae", z_dim=4)

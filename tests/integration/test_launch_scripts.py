@@ -160,7 +160,8 @@ def test_deepspeed_launcher_runs_the_script(tmp_path):
     ds = shutil.which("deepspeed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if ds is None:
         pytest.skip("the deepspeed launcher is not installed")
-    from megatron_apt.models import build_mmdit, save_mmdit
+    from megatron_apt.models import build_mmdit
+    from megatron_apt.checkpoint.model_dir import save_mmdit
 
     # the script builds these itself when absent (test_torchrun_path covers that); made here to save time
     models = tmp_path / "debug_models"

@@ -35,7 +35,8 @@ def _yaml(tmp_path, text):
 
 @pytest.fixture(scope="module")
 def generator_dir(tmp_path_factory):
-    from megatron_apt.models import build_mmdit, save_mmdit
+    from megatron_apt.models import build_mmdit
+    from megatron_apt.checkpoint.model_dir import save_mmdit
 
     d = tmp_path_factory.mktemp("g") / "g"
     save_mmdit(build_mmdit("debug", zero_init=False, seed=3), d, kind="generator")

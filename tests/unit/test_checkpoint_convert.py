@@ -25,7 +25,8 @@ def _tensors(d, name="model.safetensors"):
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    from megatron_apt.models import build_mmdit, save_mmdit
+    from megatron_apt.models import build_mmdit
+    from megatron_apt.checkpoint.model_dir import save_mmdit
 
     base = tmp_path_factory.mktemp("convert")
     save_debug_models(base)
@@ -78,7 +79,8 @@ def test_reshard_round_trip_is_bit_exact_and_shards_are_the_runtime_split(dirs, 
 def test_make_apt_init(dirs, tmp_path, capsys):
     from megatron_apt.checkpoint.convert import load_discriminator
     from megatron_apt.config.model import DiscriminatorConfig
-    from megatron_apt.models import Discriminator, build_mmdit, load_mmdit
+    from megatron_apt.models import Discriminator, build_mmdit
+    from megatron_apt.checkpoint.model_dir import load_mmdit
 
     hashes = {d: tree_hash(dirs / d) for d in ("diff", "cd")}
     out = tmp_path / "init"
@@ -129,7 +131,7 @@ def test_make_apt_init_bad_inputs(dirs, tmp_path, capsys):
 
 
 def test_export_generator_from_model_dirs(dirs, tmp_path, capsys):
-    from megatron_apt.models import load_mmdit
+    from megatron_apt.checkpoint.model_dir import load_mmdit
 
     assert _cli("export-generator", "--input", dirs / "cd", "--output", tmp_path / "g", "--verify") == 0
     assert "reload bit-identical" in capsys.readouterr().out
@@ -204,8 +206,9 @@ def test_sd3_one_step_generator_round_trip(tmp_path):
     from diffusers import SD3Transformer2DModel
 
     from megatron_apt.checkpoint.diffusers_sd3 import import_diffusers
-    from megatron_apt.models import OneStepGenerator, load_mmdit
-    from megatron_apt.models.io import save_state_dir
+    from megatron_apt.models import OneStepGenerator
+    from megatron_apt.checkpoint.model_dir import load_mmdit
+    from megatron_apt.checkpoint.model_dir import save_state_dir
     from tests.unit.test_sd3_import import _tiny_sd3
 
     _ref, src = _tiny_sd3(tmp_path, "rms_norm")

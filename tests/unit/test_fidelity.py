@@ -219,7 +219,7 @@ def _apt_worker(rank, world, base, run, init, teacher):
     except ValueError as e:
         return {"error": str(e)}
     st = tr.method
-    from megatron_apt.models.io import load_mmdit
+    from megatron_apt.checkpoint.model_dir import load_mmdit
 
     ghat, diff = load_mmdit(init).state_dict(), load_mmdit(teacher).state_dict()
     g_sd = st.G.module.backbone.state_dict()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megatron_apt.config import MMDiTConfig, get_model_config
-from megatron_apt.models import build_mmdit, count_parameters, load_mmdit, save_mmdit
+from megatron_apt.models import build_mmdit, count_parameters
+from megatron_apt.checkpoint.model_dir import load_mmdit, save_mmdit
 from megatron_apt.parallel import ParallelDims
 from megatron_apt.parallel.parallelize import check_heads
 

@@ -59,9 +59,10 @@ def test_a_stage_is_read_alone_from_a_model_directory(tmp_path):
     """load_pipeline_stage builds on the meta device and reads only the stage's tensors: they equal the whole
     model's, D's fresh heads equal those init_heads draws for the whole D, and nothing else is held."""
     from megatron_apt.config.model import DiscriminatorConfig
-    from megatron_apt.models import build_mmdit, save_mmdit
+    from megatron_apt.models import build_mmdit
+    from megatron_apt.checkpoint.model_dir import save_mmdit
     from megatron_apt.models.discriminator import Discriminator
-    from megatron_apt.parallel.pipeline import load_pipeline_stage
+    from megatron_apt.checkpoint.model_dir import load_pipeline_stage
 
     full = build_mmdit("debug", zero_init=False, seed=4)
     save_mmdit(full, tmp_path / "m")

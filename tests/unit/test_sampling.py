@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megatron_apt.inference.pipeline import Generator
-from megatron_apt.models.io import build_mmdit, save_mmdit
+from megatron_apt.models.build import build_mmdit
+from megatron_apt.checkpoint.model_dir import save_mmdit
 
 
 def _model(tmp_path, name, kind="diffusion", training=None):

@@ -29,7 +29,7 @@ def _tiny_sd3(tmp_path, qk_norm):
 @pytest.mark.parametrize("qk_norm", [None, "rms_norm"], ids=["plain", "qk_norm"])
 def test_import_matches_diffusers(tmp_path, qk_norm):
     from megatron_apt.checkpoint.diffusers_sd3 import import_diffusers
-    from megatron_apt.models import load_mmdit
+    from megatron_apt.checkpoint.model_dir import load_mmdit
 
     ref, src = _tiny_sd3(tmp_path, qk_norm)
     import_diffusers(src, tmp_path / "ours")

@@ -259,7 +259,8 @@ def test_captions_and_model_specs(tmp_path):
     assert te.parse_caption("the digit 3 moving left") == (3, "left")
     assert te.parse_caption("the digit 7") == (7, None)
     assert te.parse_caption("the digit 5 moving up and the digit 0 moving right") == (None, None)
-    from megatron_apt.models.io import build_mmdit, save_mmdit
+    from megatron_apt.models.build import build_mmdit
+    from megatron_apt.checkpoint.model_dir import save_mmdit
 
     m = build_mmdit("debug")
     save_mmdit(m, tmp_path / "d", kind="diffusion")
@@ -361,7 +362,8 @@ def _load_tool():
 
 
 def test_evaluate_cli_end_to_end(tmp_path, real_videos, cache_dir, classifier, capsys):
-    from megatron_apt.models.io import build_mmdit, save_mmdit
+    from megatron_apt.models.build import build_mmdit
+    from megatron_apt.checkpoint.model_dir import save_mmdit
 
     model = build_mmdit("toy")
     save_mmdit(model, tmp_path / "gen", kind="generator")
@@ -397,7 +399,8 @@ def test_evaluate_cli_end_to_end(tmp_path, real_videos, cache_dir, classifier, c
 def test_evaluate_cli_real_metrics_with_local_networks(tmp_path, capsys):
     """FID / PFID / CLIP through the CLI with user-provided local networks (toy metrics off)."""
     from megatron_apt.data.toy import ToyConfig, make_toy_dataset
-    from megatron_apt.models.io import build_mmdit, save_mmdit
+    from megatron_apt.models.build import build_mmdit
+    from megatron_apt.checkpoint.model_dir import save_mmdit
 
     make_toy_dataset(tmp_path / "imgs", ToyConfig(num=8, size=24, min_digit=8, max_digit=10, max_digits=1,
                                                   images=True, seed=3))

@@ -1,4 +1,4 @@
-"""Building models from the size registry, and the project's own checkpoint directory.
+"""The project's model directory: one model (or G-hat, generator, discriminator) ready to load.
 
 A model directory holds `config.json` ({"format": "megatron_apt", "kind": ..., "model": {...}}) and
 `model.safetensors`. Only safetensors is read: nothing is ever unpickled.
@@ -8,35 +8,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_apt.config.model import MMDiTConfig, get_model_config
+from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.models.mmdit import MMDiT
 from megatron_apt.utils import atomic_directory
+
+if TYPE_CHECKING:
+    from megatron_apt.parallel.pipeline import PipelineStage
 
 FORMAT = "megatron_apt"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def build_mmdit(name_or_config: str | MMDiTConfig | dict[str, Any], device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, seed: int | None = 0, zero_init: bool = True,
-                **overrides: Any) -> MMDiT:
-    """Build an MMDiT from a preset name ('debug', 'toy', '2b', '8b', 'sd3.5-large'), a dict or a config.
-
-    On device='meta' no memory is allocated (parameter counting, planning). Otherwise weights are
-    initialised deterministically from `seed` (adaLN-Zero when zero_init)."""
-    cfg = get_model_config(name_or_config, **overrides)
-    device = torch.device(device)
-    with torch.device(device):
-        model = MMDiT(cfg)
-    if device.type != "meta":
-        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        model.init_weights(zero_init=zero_init, generator=gen)
-    return model.to(dtype=dtype)
 
 
 def save_mmdit(model: MMDiT, path: str | Path, kind: str = "diffusion", overwrite: bool = False,
@@ -106,3 +92,49 @@ def load_mmdit(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             raise ValueError(f"{weights}: tensor {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
     model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype)
+
+
+def load_pipeline_stage(kind: str, model_dir, stage: int, num_stages: int, *,
+                        layers_per_stage: Iterable[int] | None = None, discriminator_config=None,
+                        head_seed: int | None = None, device="cpu") -> PipelineStage:
+    """Stage `stage` of a model directory, holding only that stage's tensors in memory: the network is
+    built on the meta device, cut, and the stage's tensors are read one by one from the directory's
+    safetensors file (so a rank never holds the whole model, which is what pipeline parallel is for).
+
+    kind: "velocity" (the MMDiT), "generator" (OneStepGenerator) or "discriminator" (a Discriminator on the
+    directory's weights with fresh heads drawn from `head_seed` exactly as `Discriminator.init_heads` draws
+    them for the whole model). Tensor parallel is applied afterwards, to the stage."""
+    from safetensors import safe_open
+
+    from megatron_apt.models.discriminator import Discriminator, OneStepGenerator
+    from megatron_apt.parallel.pipeline import make_pipeline_stage
+
+    meta, weights = read_model_dir(model_dir)
+    cfg = MMDiTConfig.from_dict(meta["model"])
+    with torch.device("meta"):
+        backbone = MMDiT(cfg)
+        model = {"velocity": lambda: backbone, "generator": lambda: OneStepGenerator(backbone),
+                 "discriminator": lambda: Discriminator(backbone, discriminator_config)}[kind]()
+    if kind == "discriminator":  # the heads are small: draw all of them, as for the whole model, then cut
+        for m in (model.heads, model.norm, model.proj):
+            m.to_empty(device="cpu")
+        model.init_heads(generator=torch.Generator().manual_seed(head_seed if head_seed is not None else 0))
+    st = make_pipeline_stage(model, stage, num_stages, layers_per_stage)
+    want = st.backbone.state_dict(keep_vars=True)
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            have = set(f.keys())
+            missing = sorted(set(want) - have)
+            if missing:
+                raise ValueError(f"{weights} lacks {len(missing)} tensors of pipeline stage {stage} "
+                                 f"(e.g. {missing[:3]}); is it a model directory of this config?")
+            state = {k: f.get_tensor(k) for k in want}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"cannot read {weights}: {e} (truncated or not a safetensors file?)") from e
+    for k, v in want.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{weights}: tensor {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
+    st.backbone.load_state_dict(state, assign=True, strict=True)
+    return st.to(device=device, dtype=torch.float32)
