@@ -1,0 +1,67 @@
+"""Entry point for every training stage (flow-matching pretraining, consistency distillation, APT image and
+video stages). Thin on purpose: configuration, then the trainer.
+
+    python pretrain_apt.py --config examples/configs/apt_image_8b.yaml optim.lr=5e-6 parallel.tp=2
+    torchrun --nproc_per_node 8 pretrain_apt.py --config ...       # or: deepspeed pretrain_apt.py --config ...
+
+Rerunning the same command resumes from the latest checkpoint in run_dir. --dry-run prints the resolved
+configuration, the parallel layout and the batch arithmetic, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if not os.environ.get("DS_ACCELERATOR"):
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed picks its accelerator at import
+    except ImportError:
+        pass
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file (examples/configs/*.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config, layout and batch plan; exit")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-6 parallel.tp=2")
+    a = p.parse_args(argv)
+    from megatron_apt.config.train import dump_config, load_config
+
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.dry_run:
+        from megatron_apt.parallel import ParallelDims
+        from megatron_apt.trainer.batching import plan_batch
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            dims = ParallelDims.from_world(world, tp=cfg.parallel.tp, sp=cfg.parallel.sp, pp=cfg.parallel.pp)
+            plan = plan_batch(cfg.global_batch, dims.dp, cfg.micro_batch)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(dump_config(cfg))
+        print(f"# layout: {dims.describe()}")
+        print(f"# batch: {plan.describe()}")
+        return 0
+    from megatron_apt.trainer.trainer import Trainer
+
+    try:
+        Trainer(cfg).train()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
