@@ -5,12 +5,14 @@ video stages). Thin on purpose: configuration, then the trainer.
     torchrun --nproc_per_node 8 pretrain_apt.py --config ...       # or: deepspeed pretrain_apt.py --config ...
 
 Rerunning the same command resumes from the latest checkpoint in run_dir. --dry-run prints the resolved
-configuration, the parallel layout and the batch arithmetic, then exits.
+configuration, the parallel layout, the batch arithmetic and the DeepSpeed config of the engines (with
+parallel.deepspeed_config=FILE merged over it), then exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -27,7 +29,8 @@ if not os.environ.get("DS_ACCELERATOR"):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (examples/configs/*.yaml)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config, layout and batch plan; exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, layout, batch plan and DeepSpeed config; exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-6 parallel.tp=2")
     a = p.parse_args(argv)
@@ -49,9 +52,23 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        ds = None
+        if cfg.parallel.engine == "deepspeed":
+            from megatron_apt.trainer.ds_config import training_ds_config
+
+            try:
+                ds = training_ds_config(cfg, dims.dp * dims.sp)
+            except (ValueError, FileNotFoundError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         print(dump_config(cfg))
         print(f"# layout: {dims.describe()}")
         print(f"# batch: {plan.describe()}")
+        if ds is not None:
+            src = f"{cfg.parallel.deepspeed_config} merged over the trainer's" if cfg.parallel.deepspeed_config \
+                else "built by the trainer; parallel.deepspeed_config=FILE merges a DeepSpeed JSON over it"
+            print(f"# deepspeed config of each engine ({src}), JSON to the end of the output:")
+            print(json.dumps(ds, indent=2))
         return 0
     from megatron_apt.trainer.trainer import Trainer
 

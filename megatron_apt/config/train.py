@@ -76,6 +76,11 @@ class ParallelSection:
     """DeepSpeed ZeRO stage for both engines."""
     zero_persistence_threshold: int = 100_000
     """Parameters smaller than this stay whole on every rank under ZeRO-3 (DeepSpeed's default)."""
+    deepspeed_config: str | None = None
+    """A standard DeepSpeed JSON merged over the config the trainer builds for each engine (e.g.
+    examples/ds_configs/zero3_bf16.json): ZeRO buckets, prefetching, offload, communication. Keys the trainer
+    controls (micro-batch, accumulation, train_batch_size, precision, ZeRO stage, clipping, optimizer) may only
+    restate its values. --dry-run prints the merged JSON."""
     activation_checkpointing: bool = True
     """Recompute each block in the backward pass."""
     compile: bool = False
@@ -220,6 +225,8 @@ class TrainConfig:
             raise ValueError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
         if self.optim.optimizer not in ("rmsprop", "adamw"):
             raise ValueError(f"optim.optimizer must be rmsprop or adamw, got {self.optim.optimizer!r}")
+        if self.parallel.deepspeed_config and not Path(self.parallel.deepspeed_config).is_file():
+            raise ValueError(f"parallel.deepspeed_config: {self.parallel.deepspeed_config} does not exist")
 
 
 def _field_types(cls) -> dict[str, Any]:

@@ -54,6 +54,13 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=False)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
         self.plan = plan_batch(cfg.global_batch, self.dims.dp, cfg.micro_batch)
+        self.ds_config = None
+        if cfg.parallel.engine == "deepspeed":  # a user file's contradictions fail here, before any model is built
+            from megatron_apt.trainer.ds_config import training_ds_config
+
+            self.ds_config = training_ds_config(cfg, self.dims.dp * self.dims.sp)
+        elif cfg.parallel.deepspeed_config and dist.get_rank() == 0:
+            log.warning("parallel.deepspeed_config is not used by parallel.engine=%s", cfg.parallel.engine)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.data = self._build_data()
@@ -120,7 +127,8 @@ class Trainer:
         eng = build_engine(module.to(self.device), kind=p.engine, optimizer=o.optimizer, lr=lr, alpha=o.alpha,
                             eps=o.eps, weight_decay=o.weight_decay, betas=o.betas, grad_clip=o.grad_clip,
                             precision=self.cfg.precision, zero_stage=p.zero_stage, micro_batch=self.cfg.micro_batch,
-                            persistence_threshold=p.zero_persistence_threshold, zero1=p.zero1)
+                            persistence_threshold=p.zero_persistence_threshold, zero1=p.zero1,
+                            deepspeed_config=p.deepspeed_config)
         eng.base_lr = lr
         return eng
 
@@ -277,6 +285,11 @@ class Trainer:
                    f"{'sharded over dp (ZeRO-1)' if c.parallel.zero1 and self.dims.dp > 1 else 'whole'})")
         else:
             eng = f"engine {c.parallel.engine} (ZeRO-{c.parallel.zero_stage})"
+            if c.parallel.deepspeed_config:
+                from megatron_apt.trainer.ds_config import built_for, changed_keys
+
+                eng += (f"; DeepSpeed config {c.parallel.deepspeed_config} merged over the trainer's: "
+                        + (", ".join(changed_keys(built_for(c), self.ds_config)) or "no change"))
         lines = [f"stage {c.stage}, {self.dims.describe()}, {eng}, precision {c.precision}", self.plan.describe(),
                  f"dataset: {len(self.data)} samples, {len(self.sampler.buckets)} shape bucket(s)"]
         return "\n".join(lines)

@@ -94,7 +94,8 @@ def test_clean_venv_install_gives_working_console_scripts(tmp_path):
     assert found == str(ROOT / "megatron_apt" / "__init__.py")  # this checkout, from another directory
     out = run("megatron-apt-plan", "--stage", "apt_image", "--gpus", "256")
     assert "fits" in out and "350 updates" in out
-    out = run("megatron-apt-train", "--dry-run", "data.synthetic=true")
-    assert "# layout: world=1" in out
+    out = run("megatron-apt-train", "--dry-run", "data.synthetic=true",
+              f"parallel.deepspeed_config={ROOT / 'examples' / 'ds_configs' / 'zero3_bf16.json'}")
+    assert "# layout: world=1" in out and '"reduce_bucket_size": 500000000' in out
     out = run(py, ROOT / "tools" / "plan.py", "--stage", "apt_video", "--gpus", "1024")  # the scripts, too
     assert "fits" in out
