@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_apt.config.train import ATTENTION_BACKENDS
 from megatron_apt.metrics import flops as mf
 
 # ------------------------------------------------------------------------------------------------------
@@ -696,7 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--vae-dtype", choices=list(DTYPES), default=None, help="VAE dtype (default: --dtype)")
     r.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 2 inference, 1 train)")
     r.add_argument("--iters", type=int, default=None, help="timed iterations (default 5 inference, 3 train)")
-    r.add_argument("--attn-backend", default="auto", choices=["auto", "cudnn", "flash", "efficient", "math", "flash_attn"])
+    r.add_argument("--attention-backend", "--attn-backend", dest="attn_backend",
+                   default=os.environ.get("MEGATRON_APT_ATTN", "auto"), choices=list(ATTENTION_BACKENDS),
+                   help="attention kernel (model.attention_backend; default $MEGATRON_APT_ATTN, else auto)")
     r.add_argument("--compile", action="store_true", help="torch.compile every block (parallelize_mmdit(compile=True))")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", default=None, help="write every result field to this JSON file")
@@ -781,9 +784,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.smoke and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # tiny ops: threads only add synchronisation (10x slower on a busy machine)
-    from megatron_apt.models.attention import set_attention_backend
-
-    set_attention_backend(args.attn_backend)
     if args.sp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from megatron_apt.parallel import ParallelDims, init_distributed, initialize_model_parallel
 
@@ -806,6 +806,14 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    from megatron_apt.models.attention import set_attention_backend
+
+    try:
+        chosen = set_attention_backend(args.attn_backend, device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log(f"attention backend: {args.attn_backend}" + (f" -> {chosen}" if args.attn_backend == "auto" else ""))
 
     env = {
         "device": str(device),

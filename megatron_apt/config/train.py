@@ -9,6 +9,7 @@ are the defaults here and in the YAML files, not in code.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 STAGES = ("flow", "cd", "apt_image", "apt_video")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "flash_attn", "efficient", "math")
 
 
 @dataclass
@@ -33,6 +35,11 @@ class ModelSection:
     """cd: the frozen diffusion teacher; apt: the diffusion weights the discriminator backbone starts from."""
     head_layers: list | None = None
     """APT discriminator head layers (1-based); None = the paper's 16/26/36-of-36 fractions."""
+
+    attention_backend: str = field(default_factory=lambda: os.environ.get("MEGATRON_APT_ATTN", "auto"))
+    """Attention kernel: auto (CUDA: cuDNN SDPA first, then flash, memory-efficient, math), cudnn, flash,
+    efficient, math (PyTorch SDPA backends) or flash_attn (the flash-attn package). One that this machine cannot
+    run is an error; auto's choice is logged. Default: $MEGATRON_APT_ATTN, else auto."""
 
 
 @dataclass
@@ -225,6 +232,9 @@ class TrainConfig:
             raise ValueError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
         if self.optim.optimizer not in ("rmsprop", "adamw"):
             raise ValueError(f"optim.optimizer must be rmsprop or adamw, got {self.optim.optimizer!r}")
+        if self.model.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got "
+                             f"{self.model.attention_backend!r}")
         if self.parallel.deepspeed_config and not Path(self.parallel.deepspeed_config).is_file():
             raise ValueError(f"parallel.deepspeed_config: {self.parallel.deepspeed_config} does not exist")
 

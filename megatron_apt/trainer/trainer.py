@@ -54,6 +54,9 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=False)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
         self.plan = plan_batch(cfg.global_batch, self.dims.dp, cfg.micro_batch)
+        from megatron_apt.models.attention import set_attention_backend
+
+        self.attention = set_attention_backend(cfg.model.attention_backend, self.device)
         self.ds_config = None
         if cfg.parallel.engine == "deepspeed":  # a user file's contradictions fail here, before any model is built
             from megatron_apt.trainer.ds_config import training_ds_config
@@ -290,7 +293,9 @@ class Trainer:
 
                 eng += (f"; DeepSpeed config {c.parallel.deepspeed_config} merged over the trainer's: "
                         + (", ".join(changed_keys(built_for(c), self.ds_config)) or "no change"))
-        lines = [f"stage {c.stage}, {self.dims.describe()}, {eng}, precision {c.precision}", self.plan.describe(),
+        attn = c.model.attention_backend + (f" -> {self.attention}" if c.model.attention_backend == "auto" else "")
+        lines = [f"stage {c.stage}, {self.dims.describe()}, {eng}, precision {c.precision}, attention {attn}",
+                 self.plan.describe(),
                  f"dataset: {len(self.data)} samples, {len(self.sampler.buckets)} shape bucket(s)"]
         return "\n".join(lines)
 
