@@ -9,4 +9,5 @@
   megatron-apt-evaluate   tools/evaluate.py               metrics and the evaluation report
   megatron-apt-profile    tools/profile_throughput.py     throughput of inference and training steps
   megatron-apt-plan       tools/plan.py                   memory and time of a layout before booking GPUs
+  megatron-apt-plot       tools/plot_run.py               PNG curves of a run's metrics.jsonl
 """

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_apt.config.train import ATTENTION_BACKENDS
-from megatron_apt.utils import get_logger
+from megatron_apt.utils import get_logger, progress
 
 log = get_logger("megatron_apt.generate")
 
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     timings = Timings()
     videos, names = [], []
     jobs = [(p, s) for s in seeds for p in prompts]
-    for i in range(0, len(jobs), a.batch_size):
+    for i in progress(range(0, len(jobs), a.batch_size), desc="generate", unit="batch"):
         chunk = jobs[i:i + a.batch_size]
         for seed in sorted({s for _, s in chunk}):
             ps = [p for p, s in chunk if s == seed]

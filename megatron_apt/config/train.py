@@ -35,7 +35,6 @@ class ModelSection:
     """cd: the frozen diffusion teacher; apt: the diffusion weights the discriminator backbone starts from."""
     head_layers: list | None = None
     """APT discriminator head layers (1-based); None = the paper's 16/26/36-of-36 fractions."""
-
     attention_backend: str = field(default_factory=lambda: os.environ.get("MEGATRON_APT_ATTN", "auto"))
     """Attention kernel: auto (CUDA: cuDNN SDPA first, then flash, memory-efficient, math), cudnn, flash,
     efficient, math (PyTorch SDPA backends) or flash_attn (the flash-attn package). One that this machine cannot
@@ -194,7 +193,15 @@ class TrainConfig:
     sample_every: int = 0
     """Write a one-step sample grid every N steps (0 = never)."""
     wandb_project: str | None = None
-    """wandb project; runs offline unless WANDB_MODE / a login says otherwise. None = no wandb."""
+    """wandb project; None = no wandb. The run id is kept in run_dir/wandb_run_id: a resumed run continues it."""
+    wandb_mode: str | None = None
+    """online, offline or disabled; None = $WANDB_MODE if set, else online when logged in (wandb login /
+    WANDB_API_KEY), offline otherwise."""
+    log_all_ranks: bool = False
+    """Log INFO lines on every rank (default: rank 0 only, the others at WARNING; also
+    MEGATRON_APT_LOG_ALL_RANKS=1)."""
+    plots: bool = True
+    """Write PNG plots of metrics.jsonl to run_dir/plots at the end of training (tools/plot_run.py)."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -235,6 +242,8 @@ class TrainConfig:
         if self.model.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"model.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got "
                              f"{self.model.attention_backend!r}")
+        if self.wandb_mode not in (None, "online", "offline", "disabled"):
+            raise ValueError(f"wandb_mode must be online, offline or disabled (or null), got {self.wandb_mode!r}")
         if self.parallel.deepspeed_config and not Path(self.parallel.deepspeed_config).is_file():
             raise ValueError(f"parallel.deepspeed_config: {self.parallel.deepspeed_config} does not exist")
 

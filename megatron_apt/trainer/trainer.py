@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from megatron_apt.config.train import TrainConfig, config_to_dict, dump_config
+from megatron_apt.config.train import TrainConfig, dump_config
 from megatron_apt.parallel import ParallelDims, init_distributed, initialize_model_parallel, parallelize_mmdit
 from megatron_apt.trainer.batching import plan_batch
 from megatron_apt.trainer.data import IndexedData, StepSampler, SyntheticData, collate
-from megatron_apt.utils import atomic_write, atomic_write_json, fsync_dir, get_logger
+from megatron_apt.trainer.telemetry import Telemetry
+from megatron_apt.utils import atomic_write, atomic_write_json, fsync_dir, get_logger, setup_logging
 
 log = get_logger("megatron_apt.trainer")
 
@@ -45,6 +46,7 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         init_distributed()
+        setup_logging(dist.get_rank(), cfg.log_all_ranks)  # INFO on rank 0, WARNING elsewhere unless asked
         world = dist.get_world_size()
         self.dims = ParallelDims.from_world(world, tp=cfg.parallel.tp, sp=cfg.parallel.sp, pp=cfg.parallel.pp)
         initialize_model_parallel(self.dims)
@@ -76,7 +78,7 @@ class Trainer:
         self.stage = STAGE_CLASSES[cfg.stage](self)
         self.step = 0
         self.history: list[dict[str, Any]] = []
-        self.wandb = None
+        self.telemetry = Telemetry(cfg, self.run_dir, _rank())
         self.low_d_count = 0
 
     # ---- building -----------------------------------------------------------------------------------
@@ -263,22 +265,7 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(rec, step=rec["step"])
-        keys = [k for k in ("loss", "d_loss", "g_loss", "ar1", "logit_gap") if k in rec]
-        parts = " ".join(f"{k} {rec[k]:9.4f}" for k in keys)
-        print(f"[{self.cfg.stage}] step {rec['step']:6d}/{self.cfg.steps} {parts} | {rec['samples_per_s']:8.2f} "
-              f"samples/s {rec['tflops']:8.3f} TFLOP/s mfu {rec['mfu']*100:5.1f}% | mem {rec['peak_mem_gb']:6.2f} GB",
-              flush=True)
-
-    def _init_wandb(self) -> None:
-        if _rank() != 0 or not self.cfg.wandb_project:
-            return
-        os.environ.setdefault("WANDB_MODE", "offline")
-        import wandb  # imported lazily: a heavy import that most runs do not need
-
-        self.wandb = wandb.init(project=self.cfg.wandb_project, dir=str(self.run_dir), config=config_to_dict(self.cfg),
-                                name=self.run_dir.name)
+        self.telemetry.record(rec)  # status line, progress bar, wandb
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -310,7 +297,7 @@ class Trainer:
             self.load_checkpoint(latest)
         if _rank() == 0:
             log.info("%s", self.describe())
-        self._init_wandb()
+        self.telemetry.start(self.step)
         x_shape = None
         from megatron_apt.metrics.flops import peak_flops
 
@@ -337,6 +324,7 @@ class Trainer:
                    "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else _rss_gb(),
                    "finite": finite}
             self.history.append(rec)
+            self.telemetry.step()
             if self.step % c.log_every == 0 or self.step == c.steps:
                 self._log(rec)
             self._health(rec)
@@ -347,8 +335,7 @@ class Trainer:
         if self.latest_checkpoint() is None or self.latest_checkpoint().name != f"step-{self.step:08d}":
             self.save_checkpoint()
         self.export()
-        if self.wandb is not None:
-            self.wandb.finish()
+        self.telemetry.finish()  # closes the bar, writes run_dir/plots, ends the wandb run
         return self.history
 
     def lr_at(self, base: float) -> float:
@@ -463,7 +450,7 @@ class Trainer:
             x = self.stage.sample(z, mb["text"], mb["text_mask"])
             if x is not None and self.dp_rank == 0 and self.ps.get_tensor_model_parallel_rank() == 0:
                 save_grid(x.float().cpu(), self.run_dir / "samples" / f"step-{self.step:08d}.png")
-            return
+            return  # written by the last stage, not rank 0: not sent to wandb
         if eng is not None:
             x = eng(z, mb["text"], mb["text_mask"])
         else:
@@ -471,7 +458,13 @@ class Trainer:
             t = torch.ones(z.shape[0], device=z.device, dtype=z.dtype)
             x = z - m(z, t, mb["text"], mb["text_mask"])
         if _rank() == 0:
-            save_grid(x.float().cpu(), self.run_dir / "samples" / f"step-{self.step:08d}.png")
+            grid = save_grid(x.float().cpu(), self.run_dir / "samples" / f"step-{self.step:08d}.png")
+            clip = None
+            if x.shape[2] > 1 and self.telemetry.wandb is not None:  # a video model: its first sample as a clip
+                from megatron_apt.inference.video import write_mp4
+
+                clip = write_mp4(x[0].float().cpu(), grid.with_suffix(".mp4"), fps=4)
+            self.telemetry.samples(grid, self.step, clip)
 
 
 def _rss_gb() -> float:

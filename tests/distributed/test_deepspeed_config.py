@@ -16,7 +16,7 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["stage=flow", "data.synthetic=true", "data.synthetic_shape=[4,1,8,8]", "data.synthetic_size=16",
           "precision=fp32", "parallel.engine=deepspeed", "parallel.zero_persistence_threshold=0", "global_batch=4",
-          "micro_batch=2"]
+          "micro_batch=2", "plots=false"]
 
 
 def _engine(rank, world, overrides):

@@ -19,7 +19,8 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 SCRIPTS = {"megatron-apt-train", "megatron-apt-preprocess", "megatron-apt-toy-data", "megatron-apt-convert",
-           "megatron-apt-generate", "megatron-apt-evaluate", "megatron-apt-profile", "megatron-apt-plan"}
+           "megatron-apt-generate", "megatron-apt-evaluate", "megatron-apt-profile", "megatron-apt-plan",
+           "megatron-apt-plot"}
 
 
 def _pins() -> dict[str, str]:
