@@ -8,8 +8,12 @@ plots (the aR1 ablation of the paper's Fig. 5 with --fig5).
         --model apt1=RUN/apt_video/export/generator_ema:1 --model apt2=RUN/apt_video/export/generator_ema:2 \\
         --fig5 RUN/apt_image RUN/apt_image_no_r1
 
-    # everything the quickstart trained (video and image sets, and the aR1 ablation)
+    # everything the quickstart trained (video and image sets, the aR1 ablation, the training curves)
     python tools/evaluate.py --quickstart RUN --diffusion DIFF --num 48 --out RUN/report
+
+    # the same on 8 processes: each generates (and scores with --fid-features / --clip) its share of the
+    # batches; rank 0 gathers them and writes the report, identical to one process's
+    torchrun --nproc_per_node 8 tools/evaluate.py --quickstart RUN --diffusion DIFF --num 48 --out RUN/report
 
 --model is NAME=DIR[:steps[:cfg]]; without steps a generator/consistency model takes 1 step and a
 diffusion model 25 steps with CFG 7.5. Every model gets the same prompts (the captions of the first N
@@ -42,11 +46,15 @@ captions and --fid-real with the images). At the toy's 24 px these numbers mean 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from megatron_apt.config.train import ATTENTION_BACKENDS
+from megatron_apt.utils import get_logger, setup_logging
 
 
 def parse_args(argv=None):
@@ -79,6 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--resolution", help="WIDTHxHEIGHT to generate (default: the real data's)")
     p.add_argument("--frames", type=int, help="frames to generate (default: the real data's)")
     p.add_argument("--device", default=None)
+    p.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS),
+                   default=os.environ.get("MEGATRON_APT_ATTN", "auto"),
+                   help="attention kernel (as model.attention_backend in training; default $MEGATRON_APT_ATTN, else "
+                        "auto: the fastest available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--min-motion-px", type=float, default=1.0, help="displacement under this counts as static")
     p.add_argument("--fid-features", help="local feature network for FID/PFID (see above)")
@@ -92,13 +104,70 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+_log = get_logger("megatron_apt.evaluate")
+
+
 def log(msg: str) -> None:
-    print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+    _log.info("%s", msg)
+
+
+def _gather(obj, rank: int, world: int) -> list | None:
+    """Every rank's `obj` on rank 0 (in rank order), None elsewhere."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
+def generate_models(a, specs, label, prompts, frames, h, w, device, dtype, feature_net, clip, keep, rank, world):
+    """Every model's samples for the prompts, each rank generating its share of the batches (and scoring it
+    with the FID / CLIP networks); on rank 0 {name: (videos kept, seconds per sample, RealMetrics or None)},
+    on the other ranks {}. The batches, seeds and so the samples are those of one process."""
+    from megatron_apt.metrics import real_eval as rev
+    from megatron_apt.metrics import toy_eval as te
+
+    out = {}
+    for spec in specs:
+        t0 = time.perf_counter()
+        acc = rev.RealMetrics(feature_net, clip, a.pfid_upsample_to) if feature_net or clip else None
+
+        def on_batch(v, batch, acc=acc):
+            acc.add(rev.frames_as_images(v), [c for c in batch for _ in range(v.shape[2])])
+
+        batches, secs = te.generate_batches(spec, prompts, frames, h, w, seed=a.seed, batch_size=a.batch_size,
+                                            text=a.text_encoder, vae=a.vae, device=device, dtype=dtype,
+                                            max_text_len=a.max_text_len, on_batch=on_batch if acc else None,
+                                            keep=keep, rank=rank, world=world, desc=f"{label}: {spec.name}")
+        ids = list(range(rank, -(-len(prompts) // a.batch_size), world))  # this rank's batches, in order
+        share = {"batches": batches, "secs": secs, "ids": ids,
+                 "acc": [acc.fid_f, acc.pfid_f, acc.img_e, acc.txt_e] if acc else None}
+        parts = _gather(share, rank, world)
+        if rank != 0:
+            continue
+        kept = sorted(((b, v) for part in parts for b, v in part["batches"]), key=lambda bv: bv[0])
+        videos = torch.cat([v for _, v in kept])
+        merged = None
+        if acc is not None:  # the per-batch features of every rank, in batch order
+            merged = rev.RealMetrics(feature_net, clip, a.pfid_upsample_to)
+            lists = [merged.fid_f, merged.pfid_f, merged.img_e, merged.txt_e]
+            for k, dst in enumerate(lists):
+                by_batch = {b: x for part in parts for b, x in zip(part["ids"], part["acc"][k])}
+                dst.extend(by_batch[b] for b in sorted(by_batch))
+        secs_per_sample = sum(part["secs"] for part in parts) / max(1, len(prompts))
+        out[spec.name] = (videos, secs_per_sample, merged)
+        log(f"{label}: {spec.name} ({spec.steps} steps, cfg {spec.cfg:g}): {len(prompts)} samples in "
+            f"{time.perf_counter() - t0:.1f} s" + (f" on {world} ranks" if world > 1 else ""))
+    return out
 
 
 def evaluate_set(a, real_spec: str, specs, label: str, cache_dir: Path, n: int, device, dtype, feature_net=None,
-                 clip=None):
-    """Generate with every model for the first n real captions and score. Returns (metrics, grids)."""
+                 clip=None, rank: int = 0, world: int = 1):
+    """Generate with every model for the first n real captions and score. Returns (metrics, grids) on rank 0,
+    (None, None) on the others. Under torchrun every rank generates (and scores with the FID / CLIP networks)
+    its share of the batches; rank 0 gathers them and computes the set-level numbers."""
     from megatron_apt.metrics import real_eval as rev
     from megatron_apt.metrics import toy_eval as te
 
@@ -135,6 +204,10 @@ def evaluate_set(a, real_spec: str, specs, label: str, cache_dir: Path, n: int, 
     if toy and (h, w) != held.size:
         raise ValueError(f"the toy metrics need the real data's size {held.size[1]}x{held.size[0]}, got {w}x{h} "
                          "(or pass --no-toy-metrics)")
+    generated = generate_models(a, specs, label, prompts, frames, h, w, device, dtype, feature_net, clip,
+                                None if toy else 8, rank, world)
+    if rank != 0:
+        return None, None
     cfg = {"real": real_spec, "n": n, "n_reference": n_ref, "reference_disjoint": disjoint, "seed": a.seed,
            "frames": frames, "height": h, "width": w, "label": label}
     metrics = {"config": cfg, "real": {}, "models": {}}
@@ -167,17 +240,7 @@ def evaluate_set(a, real_spec: str, specs, label: str, cache_dir: Path, n: int, 
             f"to {a.pfid_upsample_to or 1024} px first). FID is biased at small counts: compare only equal counts.")
         log(f"{label}: FID reference statistics of {reference['count']} frames in {time.perf_counter() - t0:.1f} s")
     for spec in specs:
-        t0 = time.perf_counter()
-        acc = None
-        if feature_net is not None or clip is not None:
-            acc = rev.RealMetrics(feature_net, clip, a.pfid_upsample_to)
-
-            def on_batch(v, batch, acc=acc):
-                acc.add(rev.frames_as_images(v), [c for c in batch for _ in range(v.shape[2])])
-        videos, secs = te.generate_set(spec, prompts, frames, h, w, seed=a.seed, batch_size=a.batch_size,
-                                       text=a.text_encoder, vae=a.vae, device=device, dtype=dtype,
-                                       max_text_len=a.max_text_len, on_batch=on_batch if acc else None,
-                                       keep=None if toy else 8)
+        videos, secs, acc = generated[spec.name]
         m = {"path": spec.path, "kind": spec.kind, "steps": spec.steps, "cfg": spec.cfg, "seconds_per_sample": secs}
         if evaluator is not None:
             m.update(te.public(evaluator.score(te.VideoSet(videos, prompts), seed=a.seed)))
@@ -188,8 +251,8 @@ def evaluate_set(a, real_spec: str, specs, label: str, cache_dir: Path, n: int, 
               f"{f', cfg {spec.cfg:g}' if spec.cfg != 1 else ''})"] = videos[:8]
         shown = ", ".join(f"{k} {m[k]:.3g}" for k in ("fd", "text_acc", "motion_acc", "fid", "pfid", "clip_score")
                           if m.get(k) is not None)
-        log(f"{label}: {spec.name} ({spec.steps} steps, cfg {spec.cfg:g}): {n} samples in "
-            f"{time.perf_counter() - t0:.1f} s" + (f": {shown}" if shown else ""))
+        if shown:
+            log(f"{label}: {spec.name}: {shown}")
     return metrics, grids
 
 
@@ -240,6 +303,22 @@ def quickstart_plan(a):
     return sets, fig5, notes
 
 
+def quickstart_runs(a) -> dict[str, Path]:
+    """The training runs of a quickstart folder whose metrics.jsonl exists, in recipe order (the shipped toy
+    diffusion model's pretraining log when the run did not retrain it)."""
+    run = Path(a.quickstart)
+    runs = {}
+    diff = Path(a.diffusion) if a.diffusion else None
+    if (run / "diffusion" / "metrics.jsonl").is_file():
+        runs["diffusion"] = run / "diffusion"
+    elif diff is not None and (diff.parent / "pretrain_metrics.jsonl").is_file():
+        runs["diffusion (shipped)"] = diff.parent / "pretrain_metrics.jsonl"
+    for name in ("cd", "apt_image", "apt_image_no_r1", "apt_video"):
+        if (run / name / "metrics.jsonl").is_file():
+            runs[name] = run / name
+    return runs
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     from megatron_apt.metrics import report as rp
@@ -275,8 +354,20 @@ def main(argv=None) -> int:
             raise ValueError("need at least 2 prompts (--prompts-from-real / --num)")
         if a.no_toy_metrics and not (a.fid_features or a.clip):
             raise ValueError("--no-toy-metrics leaves nothing to measure: add --fid-features and/or --clip")
+        rank, world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank generates its share
+            from megatron_apt.parallel.state import init_distributed
+
+            rank, world = init_distributed()
+            setup_logging(rank)
         device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and device.index is None and world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        from megatron_apt.models.attention import set_attention_backend
+
+        chosen = set_attention_backend(a.attention_backend, device)
+        log(f"attention backend {a.attention_backend}" + (f" -> {chosen}" if a.attention_backend == "auto" else ""))
         feature_net = clip = None
         if a.fid_features:
             from megatron_apt.metrics.real_eval import load_feature_extractor
@@ -294,7 +385,10 @@ def main(argv=None) -> int:
         sections: list = []
         md = ["# Metrics\n"]
         for label, real_spec, specs in sets:
-            metrics, grids = evaluate_set(a, real_spec, specs, label, cache_dir, n, device, dtype, feature_net, clip)
+            metrics, grids = evaluate_set(a, real_spec, specs, label, cache_dir, n, device, dtype, feature_net, clip,
+                                          rank, world)
+            if rank != 0:
+                continue
             if label == "images":
                 metrics["compare"] = [["apt1", "apt1_no_r1", "1-step APT with vs without aR1"]]
             all_metrics[label] = metrics
@@ -306,6 +400,12 @@ def main(argv=None) -> int:
                                              caption="Rows: the first 8 prompts (same prompts and noise for every "
                                                      "model); columns: frames."))
             md.append(f"## {title}\n\n{rp.metrics_table(metrics)}\n")
+        if rank != 0:
+            return 0
+        if a.quickstart:
+            runs = quickstart_runs(a)
+            if runs:
+                sections.append(rp.training_section(runs))
         if fig5:
             sections.insert(0, rp.r1_ablation_section(fig5[0], fig5[1]))
             summ = {}
