@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         from megatron_apt.models.attention import set_attention_backend
 
         chosen = set_attention_backend(a.attention_backend, device)
-        log.info("attention backend %s%s", a.attention_backend, f" -> {chosen}" if a.attention_backend == "auto" else "")
+        log.info("attention backend %s%s", a.attention_backend,
+                 f" -> {chosen}" if a.attention_backend == "auto" else "")
         compile_ = a.compile == "on" or (a.compile == "auto" and device.type == "cuda")
         gen = Generator(a.model, text=a.text_encoder, vae=a.vae, device=device, dtype=dtype, parallel_dims=dims,
                         compile=compile_)
