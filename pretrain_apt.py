@@ -1,77 +1,12 @@
 #!/usr/bin/env python
-"""Entry point for every training stage (flow-matching pretraining, consistency distillation, APT image and
-video stages). Thin on purpose: configuration, then the trainer.
-
-    python pretrain_apt.py --config examples/configs/apt_image_8b.yaml optim.lr=5e-6 parallel.tp=2
-    torchrun --nproc_per_node 8 pretrain_apt.py --config ...       # or: deepspeed pretrain_apt.py --config ...
-
-Rerunning the same command resumes from the latest checkpoint in run_dir. --dry-run (anywhere among the
-arguments) prints the resolved configuration, the parallel layout and the batch arithmetic, then exits.
-
-Exit status: 0 done; 2 bad input (configuration, checkpoint, data, a path that cannot be read or written),
-with one `error: ...` line; 3 training stopped because max_bad_steps steps in a row were not finite.
+"""Entry point for every training stage (flow matching, consistency distillation, APT image and video). The code
+lives in megatron_apt/cli/train.py; `pip install -e .` also installs it as the console script
+`megatron-apt-train`. `python pretrain_apt.py --help` lists the options.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-from megatron_apt.utils import ArgumentParser, cli_main
-
-if not os.environ.get("DS_ACCELERATOR"):
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed picks its accelerator at import
-    except ImportError:
-        pass
-
-
-@cli_main  # an OSError (permission, missing folder, full disk): one line naming the path, status 2
-def main(argv=None) -> int:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file (examples/configs/*.yaml)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config, layout and batch plan; exit")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-6 parallel.tp=2")
-    a = p.parse_intermixed_args(argv)  # --dry-run before, between or after the overrides
-    from megatron_apt.config.train import dump_config, load_config
-
-    try:
-        cfg = load_config(a.config, a.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if a.dry_run:
-        from megatron_apt.parallel import ParallelDims
-        from megatron_apt.trainer.batching import plan_batch
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        try:
-            dims = ParallelDims.from_world(world, tp=cfg.parallel.tp, sp=cfg.parallel.sp, pp=cfg.parallel.pp)
-            plan = plan_batch(cfg.global_batch, dims.dp, cfg.micro_batch)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(dump_config(cfg))
-        print(f"# layout: {dims.describe()}")
-        print(f"# batch: {plan.describe()}")
-        return 0
-    from megatron_apt.trainer.trainer import Trainer, TrainingDiverged
-
-    try:
-        Trainer(cfg).train()
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 3
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
-
+from megatron_apt.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,6 +19,8 @@
 #   DEBUG=1 deepspeed --num_gpus 2 examples/pretrain_diffusion.sh   # debug preset, synthetic data, 2 steps, fp32
 #                                                                   # (runs on CPU with gloo too)
 #
+# DeepSpeed settings come from examples/ds_configs/zero3_bf16.json (merged over what the trainer builds);
+# DS_CONFIG=FILE picks another, e.g. examples/ds_configs/zero3_offload_optimizer.json.
 # Trailing key=value arguments override anything below. Rerunning the same command resumes from the latest
 # checkpoint in run_dir. Plan memory and time first:
 #   python tools/plan.py --config examples/configs/diffusion_8b.yaml --gpus 256
@@ -40,14 +42,18 @@ set_args() {  # the inputs; every hyper-parameter comes from the YAML
   DATA_ARGS=(
     "data.path=${DATA_PATH:-}"
   )
+  DEEPSPEED_ARGS=(
+    "parallel.deepspeed_config=${DS_CONFIG:-$ROOT/examples/ds_configs/zero3_bf16.json}"  # ZeRO / comm tuning
+  )
   OUTPUT_ARGS=(${RUN_DIR:+"run_dir=$RUN_DIR"})
   DEBUG_ARGS=(
     model.preset=debug model.init=null
     data.path=null data.synthetic=true "data.synthetic_shape=[4,2,8,8]" data.synthetic_size=8 data.max_text_len=8
     steps=2 global_batch=2 micro_batch=1 precision=fp32 parallel.tp=1 parallel.sp=1
     parallel.zero_persistence_threshold=0 save_every=0 log_every=1 "run_dir=${RUN_DIR:-runs/debug_diffusion}"
+    "parallel.deepspeed_config=${DS_CONFIG:-null}"    # the bf16 file does not suit this fp32 run
   )
-  ARG_GROUPS=(MODEL_ARGS DATA_ARGS OUTPUT_ARGS)
+  ARG_GROUPS=(MODEL_ARGS DATA_ARGS DEEPSPEED_ARGS OUTPUT_ARGS)
 }
 
 # ---- launch: the same in every examples/*.sh training script (sourced from examples/launch.sh) --

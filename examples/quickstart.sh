@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The embedded default, end to end: toy data -> preprocessing -> (shipped) toy diffusion model ->
 # consistency distillation -> APT image stage -> APT video stage (+ the no-aR1 ablation) -> one-step
-# samples (mp4 + PNG grid) -> evaluation report. Runs on CPU (2 cores: about 6 minutes after install);
-# uses the GPU when there is one.
+# samples (mp4 + PNG grid) -> training curves and the evaluation report. Runs on CPU (2 cores: about 6
+# minutes after install); uses the GPU when there is one.
 #
 #   bash examples/quickstart.sh [RUN_DIR]
 #
@@ -71,11 +71,13 @@ python tools/generate.py --model "$G" --prompts-file "$RUN/prompts.txt" --resolu
 python tools/generate.py --model "$G" --prompts-file "$RUN/prompts.txt" --resolution 24x24 --frames 8 --fps 4 \
   --steps 2 --out "$RUN/samples/apt_2step" --grid-scale 4
 
-say "8/8 evaluation report"
+say "8/8 training curves (losses, logit gap, aR1, gradient norms, throughput, memory) and the evaluation report"
+python tools/plot_run.py "$RUN/cd" "$RUN/apt_image" "$RUN/apt_image_no_r1" "$RUN/apt_video"
 python tools/evaluate.py --quickstart "$RUN" --diffusion "$DIFF" --num $NEVAL --out "$RUN/report"
 
 END=$(date +%s)
 say "done in $(( END - START )) s"
 echo "run folder: $RUN"
 echo "  samples:  $RUN/samples/apt_1step (mp4 + grid.png), $RUN/samples/apt_2step"
-echo "  report:   $RUN/report/report.md"
+echo "  curves:   $RUN/{cd,apt_image,apt_image_no_r1,apt_video}/plots/*.png"
+echo "  report:   $RUN/report/report.md (metrics, samples and the training curves)"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the virtual environment .venv and installs the pinned requirements and the package.
+# Creates (or reuses) the virtual environment .venv and installs the pinned requirements and the package
+# (editable, with its console scripts: megatron-apt-train, -generate, ...).
 # Sourced by examples/quickstart.sh and tests/run.sh, so each of them works on a fresh machine.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,4 +25,3 @@ fi
 if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export DS_ACCELERATOR=cpu
 fi
-export WANDB_MODE="${WANDB_MODE:-offline}"

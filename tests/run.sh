@@ -5,6 +5,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 . "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
+export WANDB_MODE="${WANDB_MODE:-offline}"  # tests never reach a wandb server
 set +e
 python -m pytest tests -q "$@"
 rc=$?

@@ -8,11 +8,8 @@ See megatron_apt/data/toy.py for what the videos and captions look like.
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if __name__ == "__main__":
-    from megatron_apt.data.toy import main
+    from megatron_apt.cli.make_toy_dataset import main
 
     sys.exit(main())

@@ -21,12 +21,9 @@ megatron_apt/data/preprocess.py for the pipeline and megatron_apt/data/indexed.p
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if __name__ == "__main__":
-    # Imported here, not at the top: decode workers re-import this file and must stay light.
-    from megatron_apt.data.preprocess import main
+    # imported here, not at the top: decode workers re-import this file and must stay light
+    from megatron_apt.cli.preprocess_video import main
 
     sys.exit(main())

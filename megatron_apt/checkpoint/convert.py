@@ -46,7 +46,7 @@ from megatron_apt.checkpoint import integrity
 from megatron_apt.checkpoint.integrity import CheckpointError
 from megatron_apt.config.model import DiscriminatorConfig, MMDiTConfig, get_model_config
 from megatron_apt.checkpoint.model_dir import CONFIG_NAME, FORMAT, WEIGHTS_NAME
-from megatron_apt.utils import atomic_directory, check_plain_name, get_logger
+from megatron_apt.utils import atomic_directory, check_plain_name, get_logger, progress
 
 log = get_logger("megatron_apt.checkpoint")
 
@@ -493,6 +493,8 @@ class TrainingCheckpoint:
             self.ranks.append(info)
             self.keys.append(set(_safetensors_keys(s)))
         self.layouts = {e: self._engine_layout(e) for e in self.engines}
+        self.bar = None  # a progress bar counting the parameter tensors gathered from rank files, when set
+        self._counting = False
 
     # ---- description ----
     def rank_file(self, r: int) -> Path:
@@ -599,7 +601,24 @@ class TrainingCheckpoint:
     def _tensor(self, r: int, key: str) -> torch.Tensor:
         if key not in self.keys[r]:
             raise ConversionError(f"{self.rank_file(r)} has no tensor {key} (the rank's layout names it)")
-        return _read_tensors(self.rank_file(r), [key])[key]
+        t = _read_tensors(self.rank_file(r), [key])[key]
+        if self.bar is not None and self._counting:
+            self.bar.update(1)
+        return t
+
+    def planned_reads(self, engine: str) -> int:
+        """How many rank-file tensors gathering `engine`'s parameters reads (tp_local_states; the progress bar's
+        total)."""
+        lay = self.layouts[engine]
+        if lay.kind == "zero3":
+            return sum(len(self.ranks[rs[0]]["engines"][engine]["groups"]) * len(rs) for rs in lay.by_tp)
+        pre = f"{engine}.param."
+        ranks = [r for st in lay.stages for r in st] if lay.kind == "pipeline" else [rs[0] for rs in lay.by_tp]
+        total = 0
+        for r in ranks:
+            named = {p[0] for p in self.ranks[r]["engines"][engine]["params"]}
+            total += len(named) + sum(1 for k in self.keys[r] if k.startswith(pre) and k[len(pre):] not in named)
+        return total
 
     def _zero3_local(self, engine: str, t: int, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         lay = self.layouts[engine]
@@ -673,7 +692,11 @@ class TrainingCheckpoint:
                                                                                  self._torch_local)
         locals_, dims = [], {}
         for t in range(self.tp):
-            s, d = fn(engine, t, ema)
+            self._counting = True
+            try:
+                s, d = fn(engine, t, ema)
+            finally:
+                self._counting = False
             if dims and d != dims:
                 raise ConversionError(f"model {engine!r}: tensor-parallel rank {t} lists other parameters than rank 0")
             locals_.append(s)
@@ -926,8 +949,11 @@ def consolidate(src: str | Path, output: str | Path, model: str | None = None, e
     for e in {p[1] for p in products}:
         check_preset(ckpt.meta["models"][e]["model"], expect_preset, f"checkpoint {ckpt.path} model {e!r}")
     report = Report(f"consolidated {ckpt.path} (step {ckpt.step}) -> {output}")
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    bar = progress(total=sum(ckpt.planned_reads(e) for _, e, _ in products), desc="consolidate", unit="tensor")
+    ckpt.bar = bar
+    with bar, atomic_directory(output, overwrite=overwrite) as tmp:
         for sub, e, use_ema in products:
+            bar.set_postfix_str(f"{e}{' EMA' if use_ema else ''}", refresh=False)
             full = ckpt.state_dict(e, use_ema, buffers)
             state = ckpt.product_state(e, use_ema, full)
             kind = ckpt.kind(e)
@@ -988,7 +1014,7 @@ def reshard(src: str | Path, output: str | Path, tp: int, overwrite: bool = Fals
             write_model_files(tmp, state, base)
         else:
             names = [SHARD_NAME.format(rank=r, tp=tp) for r in range(tp)]
-            for r, name in enumerate(names):
+            for r, name in enumerate(progress(names, desc="reshard", unit="shard")):
                 shard = {k: v.contiguous() for k, v in split_tp_shard(state, tp, r, dims).items()}
                 save_file(shard, str(tmp / name), metadata={"format": "pt", "tp": str(tp), "tp_rank": str(r)})
             _write_json(tmp / CONFIG_NAME, {**base, "tp": tp, "shards": names, "partition_dims": dims})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import yaml
 from megatron_apt.config.model import MMDiTConfig, get_model_config
 
 STAGES = ("flow", "cd", "apt_image", "apt_video")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "flash_attn", "efficient", "math")
 
 
 @dataclass
@@ -37,6 +39,10 @@ class ModelSection:
     """cd: the frozen diffusion teacher; apt: the diffusion weights the discriminator backbone starts from."""
     head_layers: list[int] | None = None
     """APT discriminator head layers (1-based); None = the paper's 16/26/36-of-36 fractions."""
+    attention_backend: str = field(default_factory=lambda: os.environ.get("MEGATRON_APT_ATTN", "auto"))
+    """Attention kernel: auto (CUDA: cuDNN SDPA first, then flash, memory-efficient, math), cudnn, flash,
+    efficient, math (PyTorch SDPA backends) or flash_attn (the flash-attn package). One that this machine cannot
+    run is an error; auto's choice is logged. Default: $MEGATRON_APT_ATTN, else auto."""
 
 
 @dataclass
@@ -80,6 +86,11 @@ class ParallelSection:
     """DeepSpeed ZeRO stage for both engines."""
     zero_persistence_threshold: int = 100_000
     """Parameters smaller than this stay whole on every rank under ZeRO-3 (DeepSpeed's default)."""
+    deepspeed_config: str | None = None
+    """A standard DeepSpeed JSON merged over the config the trainer builds for each engine (e.g.
+    examples/ds_configs/zero3_bf16.json): ZeRO buckets, prefetching, offload, communication. Keys the trainer
+    controls (micro-batch, accumulation, train_batch_size, precision, ZeRO stage, clipping, optimizer) may only
+    restate its values. --dry-run prints the merged JSON."""
     activation_checkpointing: bool = True
     """Recompute each block in the backward pass."""
     compile: bool = False
@@ -204,7 +215,15 @@ class TrainConfig:
     such steps in a row the run stops with an error, saving and exporting nothing (weights that are not
     finite are never written). Resuming starts from the last checkpoint."""
     wandb_project: str | None = None
-    """wandb project; runs offline unless WANDB_MODE / a login says otherwise. None = no wandb."""
+    """wandb project; None = no wandb. The run id is kept in run_dir/wandb_run_id: a resumed run continues it."""
+    wandb_mode: str | None = None
+    """online, offline or disabled; None = $WANDB_MODE if set, else online when logged in (wandb login /
+    WANDB_API_KEY), offline otherwise."""
+    log_all_ranks: bool = False
+    """Log INFO lines on every rank (default: rank 0 only, the others at WARNING; also
+    MEGATRON_APT_LOG_ALL_RANKS=1)."""
+    plots: bool = True
+    """Write PNG plots of metrics.jsonl to run_dir/plots at the end of training (tools/plot_run.py)."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -243,6 +262,13 @@ class TrainConfig:
             raise ConfigError(f"optim.optimizer must be rmsprop, adam or adamw, got {self.optim.optimizer!r}")
         if self.apt.r1_sigma_means not in ("variance", "std"):
             raise ConfigError(f"apt.r1_sigma_means must be variance or std, got {self.apt.r1_sigma_means!r}")
+        if self.model.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"model.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got "
+                              f"{self.model.attention_backend!r}")
+        if self.wandb_mode not in (None, "online", "offline", "disabled"):
+            raise ConfigError(f"wandb_mode must be online, offline or disabled (or null), got {self.wandb_mode!r}")
+        if self.parallel.deepspeed_config and not Path(self.parallel.deepspeed_config).is_file():
+            raise ConfigError(f"parallel.deepspeed_config: {self.parallel.deepspeed_config} does not exist")
 
 
     def _check_ranges(self) -> None:

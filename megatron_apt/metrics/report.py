@@ -7,6 +7,7 @@
 * ``grids_section({name: png_path_or_video_tensor})``: sample grids of each compared model;
 * ``metrics_section(metrics)``: the table of :mod:`megatron_apt.metrics.toy_eval` numbers (the dict that
   ``tools/evaluate.py`` writes per evaluation set), with a bar chart;
+* ``training_section({name: run_dir})``: each run's curves over steps (``megatron_apt.metrics.plots``);
 * ``markdown_section(title, text)``: free text.
 
 A "Findings" paragraph at the top is *computed* from the numbers in those sections (comparisons are
@@ -47,6 +48,12 @@ def grids_section(grids: dict[str, Any], *, title: str = "Samples", caption: str
     """``grids``: name -> an existing PNG path, or videos ``[B, C, T, H, W]`` in [-1, 1] (saved with
     ``megatron_apt.inference.grid.save_grid``)."""
     return {"type": "grids", "title": title, "grids": grids, "caption": caption}
+
+
+def training_section(runs: dict[str, str | Path], *, title: str = "Training curves") -> dict[str, Any]:
+    """``runs``: name -> a run folder (or its metrics.jsonl); each gets the PNGs of
+    :func:`megatron_apt.metrics.plots.plot_run` (losses, logit gap, aR1, gradient norms, throughput, memory)."""
+    return {"type": "training", "title": title, "runs": {k: str(v) for k, v in runs.items()}}
 
 
 def metrics_section(metrics: dict[str, Any], *, title: str = "Metrics") -> dict[str, Any]:
@@ -449,6 +456,19 @@ def write_report(out_dir: str | Path, sections: Sequence[dict[str, Any]], *, tit
                                 f"{s['last_step']} |")
             body.append("")
             found += ablation_findings(summ["with aR1"], summ["without aR1"], thr, key)
+        elif kind == "training":
+            from megatron_apt.metrics.plots import plot_run
+
+            body.append("Each run's metrics.jsonl over steps (`tools/plot_run.py RUN_DIR` draws the same).\n")
+            for name, src in sec.get("runs", {}).items():
+                try:
+                    pngs = plot_run(src, out / "plots" / unique(f"training_{_slug(name)}"))
+                except FileNotFoundError as e:
+                    body.append(f"**{name}**: {e}\n")
+                    continue
+                body.append(f"**{name}** (`{src}`)\n")
+                body += [f"![{name}: {p.stem}]({p.relative_to(out).as_posix()})" for p in pngs]
+                body.append("")
         elif kind == "grids":
             from megatron_apt.inference.grid import save_grid
 

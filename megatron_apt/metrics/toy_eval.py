@@ -686,18 +686,24 @@ def parse_model_spec(text: str) -> ModelSpec:
     return ModelSpec(name, rest, steps, cfg, kind)
 
 
-def generate_set(spec: ModelSpec, prompts: Sequence[str], frames: int, height: int, width: int, *, seed: int = 0,
-                 batch_size: int = 16, text: str = "bytes", vae: str = "none", device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_text_len: int = 512, on_batch=None,
-                 keep: int | None = None, negative_prompt: str = "") -> tuple[torch.Tensor, float]:
-    """Videos [N, 3, T, H, W] in [-1, 1] for the prompts (batch b uses seed + b, so every model sees the
-    same noise) and the seconds spent per sample. ``on_batch(videos, prompts)`` sees every batch;
-    ``keep`` limits what is returned (and held in memory) to the first ``keep`` samples."""
+def generate_batches(spec: ModelSpec, prompts: Sequence[str], frames: int, height: int, width: int, *,
+                     seed: int = 0, batch_size: int = 16, text: str = "bytes", vae: str = "none", device: str = "cpu",
+                     dtype: torch.dtype = torch.float32, max_text_len: int = 512, on_batch=None,
+                     keep: int | None = None, rank: int = 0, world: int = 1, desc: str | None = None,
+                     negative_prompt: str = "") -> tuple[list[tuple[int, torch.Tensor]], float]:
+    """This rank's share of the batches of `generate_set`: batches b = rank, rank + world, ... (batch b holds
+    prompts [b * batch_size, (b + 1) * batch_size) and uses seed + b, so the samples are those one process
+    makes). Returns [(b, videos)] for the batches that hold any of the first `keep` samples (all without
+    `keep`; trimmed to them) and the seconds spent generating. ``on_batch(videos, prompts)`` sees every batch
+    of this rank, in order."""
     from megatron_apt.inference.pipeline import Generator
+    from megatron_apt.utils import progress
 
     gen = Generator(spec.path, text=text, vae=vae, device=device, dtype=dtype, max_text_len=max_text_len)
-    out, kept, spent = [], 0, 0.0
-    for b, i in enumerate(range(0, len(prompts), batch_size)):
+    mine = list(range(rank, math.ceil(len(prompts) / batch_size), world))
+    out, spent = [], 0.0
+    for b in progress(mine, desc=desc or spec.name, unit="batch"):
+        i = b * batch_size
         batch = list(prompts[i:i + batch_size])
         t0 = time.perf_counter()
         v = gen.generate(batch, frames=frames, height=height, width=width, seed=seed + b, steps=spec.steps,
@@ -705,8 +711,19 @@ def generate_set(spec: ModelSpec, prompts: Sequence[str], frames: int, height: i
         spent += time.perf_counter() - t0
         if on_batch is not None:
             on_batch(v, batch)
-        if keep is None or kept < keep:
-            part = v if keep is None else v[:keep - kept]
-            out.append(part)
-            kept += part.shape[0]
-    return torch.cat(out), spent / max(1, len(prompts))
+        if keep is None or i < keep:
+            out.append((b, v if keep is None else v[:keep - i]))
+    return out, spent
+
+
+def generate_set(spec: ModelSpec, prompts: Sequence[str], frames: int, height: int, width: int, *, seed: int = 0,
+                 batch_size: int = 16, text: str = "bytes", vae: str = "none", device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, max_text_len: int = 512, on_batch=None,
+                 keep: int | None = None, negative_prompt: str = "") -> tuple[torch.Tensor, float]:
+    """Videos [N, 3, T, H, W] in [-1, 1] for the prompts (batch b uses seed + b, so every model sees the
+    same noise) and the seconds spent per sample. ``on_batch(videos, prompts)`` sees every batch;
+    ``keep`` limits what is returned (and held in memory) to the first ``keep`` samples."""
+    batches, spent = generate_batches(spec, prompts, frames, height, width, seed=seed, batch_size=batch_size,
+                                      text=text, vae=vae, device=device, dtype=dtype, max_text_len=max_text_len,
+                                      on_batch=on_batch, keep=keep, negative_prompt=negative_prompt)
+    return torch.cat([v for _, v in batches]), spent / max(1, len(prompts))

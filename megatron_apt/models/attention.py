@@ -18,34 +18,82 @@ try:  # flash-attn is optional; torch SDPA is the fallback and usually the faste
 except Exception:  # pragma: no cover - depends on the machine
     _flash_attn_func = None
 
+from megatron_apt.config.train import ATTENTION_BACKENDS
+
 # 'auto' prefers cuDNN SDPA on CUDA (measured ~1.6x the flash backend on H200 at video length), then flash,
-# then memory-efficient, then math. Override with MEGATRON_APT_ATTN=cudnn|flash|efficient|math|flash_attn.
+# then memory-efficient, then math; on CPU it leaves the choice to PyTorch (its flash CPU kernel, else math).
+# The training config (model.attention_backend) and the tools' --attention-backend set it; the environment
+# variable MEGATRON_APT_ATTN is the default where neither does.
 _BACKEND = os.environ.get("MEGATRON_APT_ATTN", "auto")
+_SDPA = ("cudnn", "flash", "efficient", "math")
 
 
-def set_attention_backend(name: str) -> None:
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+def backend_unavailable(name: str, device: torch.device | str | None = None) -> str | None:
+    """Why `name` cannot run on `device` (None when it can): a tiny attention call under that kernel alone."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name == "auto":
+        return None
+    if name == "flash_attn":
+        if _flash_attn_func is None:
+            return "the flash_attn package is not importable (pip install flash-attn, or the [gpu] extra)"
+        if device.type != "cuda":
+            return f"flash_attn runs on CUDA devices only, this run uses {device.type}"
+        return None
+    from torch.nn.attention import sdpa_kernel
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.zeros(1, 2, 8, 64, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel([_sdpa_backend(name)]):
+            F.scaled_dot_product_attention(q, q, q)
+    except RuntimeError:
+        return f"PyTorch's {name} SDPA kernel is not available on {device.type} here (torch {torch.__version__})"
+    return None
+
+
+def resolve_auto(device: torch.device | str | None = None) -> str:
+    """What 'auto' runs on `device`: the first available of cudnn, flash, efficient, math (CUDA); on CPU
+    PyTorch's own choice, which is its flash kernel where the inputs allow it, else math."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return "flash" if backend_unavailable("flash", device) is None else "math"
+    return next(n for n in _SDPA if n == "math" or backend_unavailable(n, device) is None)
+
+
+def set_attention_backend(name: str, device: torch.device | str | None = None) -> str:
+    """Select the attention kernel for this process; returns the kernel it runs on `device` (auto resolved).
+    An unknown name, or one this machine cannot run, is a ValueError naming the reason."""
     global _BACKEND
-    if name not in ("auto", "cudnn", "flash", "efficient", "math", "flash_attn"):
-        raise ValueError(f"unknown attention backend {name!r}")
-    if name == "flash_attn" and _flash_attn_func is None:
-        raise ValueError("attention backend 'flash_attn' requested but the flash_attn package is not importable")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    why = backend_unavailable(name, device)
+    if why is not None:
+        raise ValueError(f"attention backend {name!r} is not available: {why}")
     _BACKEND = name
+    return resolve_auto(device) if name == "auto" else name
+
+
+def attention_backend() -> str:
+    return _BACKEND
 
 
 def _sdpa_context(device: torch.device):
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if _BACKEND in ("auto", "flash_attn"):
+        if device.type != "cuda":
+            return contextlib.nullcontext()  # PyTorch's CPU choice
+        from torch.nn.attention import sdpa_kernel
 
-    order = {
-        "auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH],
-        "cudnn": [SDPBackend.CUDNN_ATTENTION],
-        "flash": [SDPBackend.FLASH_ATTENTION],
-        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-        "math": [SDPBackend.MATH],
-    }[_BACKEND if _BACKEND != "flash_attn" else "auto"]
-    return sdpa_kernel(order, set_priority=True) if _BACKEND == "auto" else sdpa_kernel(order)
+        return sdpa_kernel([_sdpa_backend(n) for n in _SDPA], set_priority=True)
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel([_sdpa_backend(_BACKEND)])
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

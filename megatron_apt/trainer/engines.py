@@ -225,26 +225,21 @@ class DeepSpeedEngine(TorchEngine):
     kind = "deepspeed"
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, precision: str,
-                 zero_stage: int, micro_batch: int, persistence_threshold: int = 100_000):
+                 zero_stage: int, micro_batch: int, persistence_threshold: int = 100_000,
+                 user_config: dict | None = None, user_config_source: str = "the file"):
         import deepspeed
 
-        ds_config = {
-            "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": 1,
-            "managed_gradient_accumulation": False,
-            # DeepSpeed 0.19 clips at 1.0 unless told otherwise; the paper uses no clipping
-            "gradient_clipping": float(grad_clip),
-            "zero_allow_untested_optimizer": True,
-            "zero_optimization": {"stage": zero_stage, "contiguous_gradients": True,
-                                  "overlap_comm": torch.cuda.is_available(),
-                                  "stage3_param_persistence_threshold": persistence_threshold},
-            "bf16": {"enabled": precision == "bf16"},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        from megatron_apt.trainer.ds_config import merged_config, trainer_ds_config
+
+        mpu = MegatronMPU()
+        ds_config = trainer_ds_config(micro_batch=micro_batch, grad_clip=grad_clip, precision=precision,
+                                      zero_stage=zero_stage, persistence_threshold=persistence_threshold)
+        if user_config:  # a user's DeepSpeed JSON (parallel.deepspeed_config) merged over what the trainer needs
+            dp = mpu.get_data_parallel_world_size() if dist.is_initialized() else 1
+            ds_config = merged_config(ds_config, user_config, dp_size=dp, source=user_config_source)
         self.ds_config = ds_config
         engine, opt, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
-                                                 mpu=MegatronMPU(), dist_init_required=False)
+                                                 mpu=mpu, dist_init_required=False)
         self.engine = engine
         self.zero_stage = zero_stage
         super().__init__(engine.module, opt, grad_clip, precision, group=None)
@@ -468,7 +463,7 @@ def grad_norm(params) -> float:
 
 def build_engine(module: nn.Module, *, kind: str, optimizer: str, lr: float, alpha: float, eps: float,
                  weight_decay: float, betas, grad_clip: float, precision: str, zero_stage: int, micro_batch: int,
-                 persistence_threshold: int = 100_000, zero1: bool = True):
+                 persistence_threshold: int = 100_000, zero1: bool = True, deepspeed_config: str | None = None):
     from megatron_apt.parallel.state import dp_group
 
     if kind == "pipeline":
@@ -476,6 +471,12 @@ def build_engine(module: nn.Module, *, kind: str, optimizer: str, lr: float, alp
                               betas=betas, grad_clip=grad_clip, precision=precision, zero1=zero1)
     opt = make_optimizer(module.parameters(), optimizer, lr, alpha, eps, weight_decay, betas)
     if kind == "deepspeed":
-        return DeepSpeedEngine(module, opt, grad_clip, precision, zero_stage, micro_batch, persistence_threshold)
+        user = None
+        if deepspeed_config:
+            from megatron_apt.trainer.ds_config import load_user_config
+
+            user = load_user_config(deepspeed_config)
+        return DeepSpeedEngine(module, opt, grad_clip, precision, zero_stage, micro_batch, persistence_threshold,
+                               user_config=user, user_config_source=deepspeed_config or "the file")
     group = dp_group(with_sp=True) if dist.is_initialized() and dist.get_world_size() > 1 else None
     return TorchEngine(module, opt, grad_clip, precision, group=group)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -21,12 +20,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_apt.checkpoint.training import CheckpointStore
-from megatron_apt.config.train import TrainConfig, config_to_dict, dump_config
+from megatron_apt.config.train import TrainConfig, dump_config
 from megatron_apt.parallel import ParallelDims, init_distributed, initialize_model_parallel, parallelize_mmdit
 from megatron_apt.parallel.comm import all_ranks_true
 from megatron_apt.trainer.batching import plan_batch
 from megatron_apt.data.loader import IndexedData, StepSampler, SyntheticData, collate
-from megatron_apt.utils import atomic_write, get_logger, json_safe, strict_dumps
+from megatron_apt.trainer.telemetry import Telemetry
+from megatron_apt.utils import atomic_write, get_logger, json_safe, setup_logging, strict_dumps
 
 log = get_logger("megatron_apt.trainer")
 
@@ -48,6 +48,7 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         init_distributed()
+        setup_logging(dist.get_rank(), cfg.log_all_ranks)  # INFO on rank 0, WARNING elsewhere unless asked
         world = dist.get_world_size()
         self.dims = ParallelDims.from_world(world, tp=cfg.parallel.tp, sp=cfg.parallel.sp, pp=cfg.parallel.pp)
         initialize_model_parallel(self.dims)
@@ -57,6 +58,16 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=False)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
         self.plan = plan_batch(cfg.global_batch, self.dims.dp, cfg.micro_batch)
+        from megatron_apt.models.attention import set_attention_backend
+
+        self.attention = set_attention_backend(cfg.model.attention_backend, self.device)
+        self.ds_config = None
+        if cfg.parallel.engine == "deepspeed":  # a user file's contradictions fail here, before any model is built
+            from megatron_apt.trainer.ds_config import training_ds_config
+
+            self.ds_config = training_ds_config(cfg, self.dims.dp * self.dims.sp)
+        elif cfg.parallel.deepspeed_config and dist.get_rank() == 0:
+            log.warning("parallel.deepspeed_config is not used by parallel.engine=%s", cfg.parallel.engine)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.checkpoints = CheckpointStore(self.ckpt_dir, self.device, cfg.keep_checkpoints)
@@ -77,7 +88,7 @@ class Trainer:
             loss_scale=self.plan.loss_scale(), global_mean=self.global_mean, encode_prompt=self.encode_prompt))
         self.step = 0
         self.history: list[dict[str, Any]] = []
-        self.wandb = None
+        self.telemetry = Telemetry(cfg, self.run_dir, _rank())
         self.low_d_count = 0
         self.bad_in_row = 0  # consecutive steps whose update was skipped (non-finite loss or gradient norm)
         self.bad_total = 0
@@ -224,7 +235,8 @@ class Trainer:
         eng = build_engine(module.to(self.device), kind=p.engine, optimizer=o.optimizer, lr=lr, alpha=o.alpha,
                             eps=o.eps, weight_decay=o.weight_decay, betas=o.betas, grad_clip=o.grad_clip,
                             precision=self.cfg.precision, zero_stage=p.zero_stage, micro_batch=self.cfg.micro_batch,
-                            persistence_threshold=p.zero_persistence_threshold, zero1=p.zero1)
+                            persistence_threshold=p.zero_persistence_threshold, zero1=p.zero1,
+                            deepspeed_config=p.deepspeed_config)
         eng.base_lr = lr
         return eng
 
@@ -316,16 +328,7 @@ class Trainer:
         safe = json_safe(rec)  # strict JSON: a non-finite value is null, its key listed under "nonfinite"
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(strict_dumps(safe) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(safe, step=rec["step"])
-        keys = [k for k in ("loss", "d_loss", "g_loss", "ar1", "logit_gap") if k in rec]
-        parts = " ".join(f"{k} {rec[k]:9.4f}" for k in keys)
-        perf = f"{rec['tflops']:8.3f} TFLOP/s" if rec["tflops"] is not None else ""
-        if rec["mfu"] is not None:
-            perf += f" mfu {rec['mfu'] * 100:5.1f}%"
-        skipped = " | update skipped (non-finite)" if rec.get("skipped_update") else ""
-        print(f"[{self.cfg.stage}] step {rec['step']:6d}/{self.cfg.steps} {parts} | {rec['samples_per_s']:8.2f} "
-              f"samples/s {perf} | mem {rec['peak_mem_gb']:6.2f} GB{skipped}", flush=True)
+        self.telemetry.record(rec)  # status line, progress bar, wandb
 
     def _truncate_metrics(self) -> None:
         """On (re)start, drop the records of steps after the one restored (a killed run logged them, and they
@@ -350,15 +353,6 @@ class Trainer:
             with atomic_write(f, "w") as w:
                 w.write("".join(k + "\n" for k in keep))
 
-    def _init_wandb(self) -> None:
-        if _rank() != 0 or not self.cfg.wandb_project:
-            return
-        os.environ.setdefault("WANDB_MODE", "offline")
-        import wandb  # imported lazily: a heavy import that most runs do not need
-
-        self.wandb = wandb.init(project=self.cfg.wandb_project, dir=str(self.run_dir), config=config_to_dict(self.cfg),
-                                name=self.run_dir.name)
-
     # ---- the loop ---------------------------------------------------------------------------------------------
     def describe(self) -> str:
         c = self.cfg
@@ -367,7 +361,14 @@ class Trainer:
                    f"{'sharded over dp (ZeRO-1)' if c.parallel.zero1 and self.dims.dp > 1 else 'whole'})")
         else:
             eng = f"engine {c.parallel.engine} (ZeRO-{c.parallel.zero_stage})"
-        lines = [f"stage {c.stage}, {self.dims.describe()}, {eng}, precision {c.precision}", self.plan.describe(),
+            if c.parallel.deepspeed_config:
+                from megatron_apt.trainer.ds_config import built_for, changed_keys
+
+                eng += (f"; DeepSpeed config {c.parallel.deepspeed_config} merged over the trainer's: "
+                        + (", ".join(changed_keys(built_for(c), self.ds_config)) or "no change"))
+        attn = c.model.attention_backend + (f" -> {self.attention}" if c.model.attention_backend == "auto" else "")
+        lines = [f"stage {c.stage}, {self.dims.describe()}, {eng}, precision {c.precision}, attention {attn}",
+                 self.plan.describe(),
                  f"dataset: {len(self.data)} samples, {len(self.sampler.buckets)} shape bucket(s)"]
         return "\n".join(lines)
 
@@ -396,7 +397,7 @@ class Trainer:
         self._truncate_metrics()
         if _rank() == 0:
             log.info("%s", self.describe())
-        self._init_wandb()
+        self.telemetry.start(self.step)
         x_shape = None
         from megatron_apt.models.flops import peak_flops
 
@@ -429,6 +430,7 @@ class Trainer:
                    "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else _rss_gb(),
                    "finite": finite, "skipped_update": bad}
             self.history.append(rec)
+            self.telemetry.step()
             if self.step % c.log_every == 0 or self.step == c.steps or bad:
                 self._log(rec)
             self._health(rec)
@@ -439,8 +441,7 @@ class Trainer:
         if self.latest_checkpoint() is None or self.latest_checkpoint().name != f"step-{self.step:08d}":
             self.save_checkpoint()
         self.export()
-        if self.wandb is not None:
-            self.wandb.finish()
+        self.telemetry.finish()  # closes the bar, writes run_dir/plots, ends the wandb run
         return self.history
 
     def lr_at(self, base: float) -> float:
@@ -566,8 +567,16 @@ class Trainer:
         mb = mbs[0]
         z = torch.randn(mb["x"].shape, generator=torch.Generator().manual_seed(self.cfg.seed)).to(mb["x"])
         x = self.method.sample(z, mb["text"], mb["text_mask"])
-        if x is not None and self.dp_rank == 0 and self.ps.get_tensor_model_parallel_rank() == 0:
-            save_grid(x.float().cpu(), self.run_dir / "samples" / f"step-{self.step:08d}.png")
+        if x is None or self.dp_rank != 0 or self.ps.get_tensor_model_parallel_rank() != 0:
+            return  # the samples are where the model's output is (the last pipeline stage)
+        grid = save_grid(x.float().cpu(), self.run_dir / "samples" / f"step-{self.step:08d}.png")
+        if _rank() == 0:  # wandb lives on rank 0 (under pipeline parallel the grid is written on the last stage)
+            clip = None
+            if x.shape[2] > 1 and self.telemetry.wandb is not None:  # a video model: its first sample as a clip
+                from megatron_apt.inference.video import write_mp4
+
+                clip = write_mp4(x[0].float().cpu(), grid.with_suffix(".mp4"), fps=4)
+            self.telemetry.samples(grid, self.step, clip)
 
 
 def _rss_gb() -> float:

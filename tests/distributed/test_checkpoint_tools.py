@@ -144,11 +144,14 @@ def _assert_same_tensors(a_dir, b_dir):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-def test_consolidate_equals_trainer_export_and_runtime_forward(runs, tmp_path, capsys):
+def test_consolidate_equals_trainer_export_and_runtime_forward(runs, tmp_path, capsys, monkeypatch):
+    import re
+
     from megatron_apt.checkpoint.convert import load_discriminator, probe_forward
     from megatron_apt.checkpoint.model_dir import load_mmdit
 
     base, probes = runs
+    monkeypatch.setenv("MEGATRON_APT_PROGRESS", "1")  # the bar, though stderr is no terminal here
     products = {"tp2": ("generator", "generator_ema", "discriminator"), "dp2": ("generator", "generator_ema",
                 "discriminator"), "torch": ("model", "model_ema"), "sincos": ("model", "model_ema")}
     for run, names in products.items():
@@ -156,8 +159,11 @@ def test_consolidate_equals_trainer_export_and_runtime_forward(runs, tmp_path, c
         out = tmp_path / run
         extra = ["--buffers-from", base / "sincos_init"] if run == "sincos" else ["--expect-preset", "debug"]
         assert _cli("consolidate", "--input", base / run, "--output", out, "--verify", *extra) == 0
-        log = capsys.readouterr().out
+        cap = capsys.readouterr()
+        log = cap.out
         assert "bit-identical" in log and "parameters" in log, log
+        done, total = map(int, re.findall(r"consolidate: 100%.*?\| (\d+)/(\d+) ", cap.err)[-1])
+        assert done == total > 0, cap.err[-500:]  # the bar counted every rank-file tensor it planned
         assert ("pos_table from" in log) == (run == "sincos"), log
         assert tree_hash(base / run / "checkpoints") == before  # the input is never modified
         for name in names:

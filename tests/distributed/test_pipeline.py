@@ -215,6 +215,19 @@ def test_pp2_checkpoint_consolidates_to_pp1_and_resumes(runs, tmp_path):
     ck = run / "checkpoints" / "step-00000002"
     # PP=2 -> one consolidated model directory, checked against every rank file (--verify)
     assert run_tool("convert_checkpoint", "consolidate", "--input", ck, "--output", tmp_path / "pp1", "--verify") == 0
+    from megatron_apt.checkpoint.convert import TrainingCheckpoint
+
+    class Count:  # the progress bar's total is what consolidation reads, stage by stage
+        n = 0
+
+        def update(self, k):
+            Count.n += k
+
+    tc = TrainingCheckpoint(ck)
+    tc.bar = Count()
+    for e in tc.engines:
+        tc.state_dict(e)
+    assert Count.n == sum(tc.planned_reads(e) for e in tc.engines) > 0
     ref2 = base / "ref_step2"
     run_distributed(_apt_only, 1, str(base), str(ref2), REF + ["steps=2"], timeout=600)
     _same_exports(tmp_path / "pp1", ref2 / "export", APT_PARTS)

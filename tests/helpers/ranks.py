@@ -82,17 +82,11 @@ def tree_hash(path) -> str:
 
 
 def run_tool(name: str, *args) -> int:
-    """Call tools/<name>.py's main() in this process and return its exit code."""
+    """Call the tool's main() (megatron_apt/cli/<name>.py, the code behind tools/<name>.py) in this process and
+    return its exit code."""
     import importlib
-    import sys
-    from pathlib import Path
 
-    tools = str(Path(__file__).resolve().parents[2] / "tools")
-    sys.path.insert(0, tools)
-    try:
-        tool = importlib.import_module(name)
-    finally:
-        sys.path.remove(tools)
+    tool = importlib.import_module(f"megatron_apt.cli.{name}")
     return tool.main([str(a) for a in args])
 
 

@@ -165,16 +165,9 @@ def test_sequence_parallel_smoke(tmp_path):
 
 
 def _tool_module():
-    import importlib.util
+    from megatron_apt.cli import profile_throughput
 
-    sys.path.insert(0, str(TOOL.parent))  # for `import _bootstrap`, as when run as a script
-    try:
-        spec = importlib.util.spec_from_file_location("profile_throughput", TOOL)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(TOOL.parent))
-    return mod
+    return profile_throughput
 
 
 @pytest.mark.parametrize("argv, message", [

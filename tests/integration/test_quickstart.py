@@ -24,7 +24,14 @@ def test_quickstart_runs_end_to_end(tmp_path):
 
     frames = read_mp4(mp4s[0])
     assert frames.shape == (8, 24, 24, 3)
-    assert (run / "report" / "report.md").is_file()
+    report = (run / "report" / "report.md").read_text()
+    for stage in ("cd", "apt_image", "apt_image_no_r1", "apt_video"):  # tools/plot_run.py and the trainer's plots
+        assert {p.name for p in (run / stage / "plots").glob("*.png")} >= {"losses.png", "grad_norm.png",
+                                                                          "throughput.png", "memory.png"}, stage
+    assert {p.name for p in (run / "apt_image" / "plots").glob("*.png")} >= {"logit_gap.png", "ar1.png"}
+    assert "## Training curves" in report and "](plots/training_apt_video/logit_gap.png)" in report
+    for link in [x.split("](", 1)[1].rstrip(")") for x in report.splitlines() if x.startswith("![")]:
+        assert (run / "report" / link).is_file(), link  # every embedded image exists
     for stage in ("cd", "apt_image", "apt_image_no_r1", "apt_video"):
         lines = (run / stage / "metrics.jsonl").read_text().splitlines()
         assert lines and all(json.loads(x)["finite"] for x in lines), stage

@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[2] / "megatron_apt"
 
 # a layer may import a layer of lower rank (or itself); equal ranks of different layers may not import each other
 RANK = {"": 0, "utils": 0, "config": 1, "models": 2, "data": 3, "parallel": 3, "checkpoint": 4, "methods": 4,
-        "inference": 5, "metrics": 6, "trainer": 7, "planning": 8, "profiling": 8}
+        "inference": 5, "metrics": 6, "trainer": 7, "planning": 8, "profiling": 8, "cli": 9}
 
 
 def _layer(module: str) -> str:

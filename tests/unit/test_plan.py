@@ -98,11 +98,7 @@ def test_layout_errors_and_refusal():
 
 
 def test_cli_refuses_with_a_suggestion(capsys):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-    import plan as tool
+    from megatron_apt.cli import plan as tool
 
     assert tool.main(["--stage", "apt_video", "--gpus", "1024", "--micro-batch", "2"]) == 1
     out = capsys.readouterr().out
@@ -324,11 +320,7 @@ def test_pipeline_layout_errors():
 
 
 def test_pipeline_cli(capsys):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-    import plan as tool
+    from megatron_apt.cli import plan as tool
 
     rc = tool.main(["--stage", "apt_video", "--gpus", "1024", "--engine", "pipeline", "--pp", "4", "--tp", "2",
                     "--micro-batch", "1"])

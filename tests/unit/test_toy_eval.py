@@ -1,10 +1,8 @@
 """Toy-data metrics (classifier, Fréchet distance, text/motion alignment, sharpness), the real-data metric
 math (FD, FID/PFID cropping, CLIP score), the report and tools/evaluate.py end to end on tiny model dirs."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -350,15 +348,9 @@ def test_report_renders_plots_grids_table_and_computed_findings(tmp_path):
 
 
 def _load_tool():
-    tool = ROOT / "tools" / "evaluate.py"
-    sys.path.insert(0, str(tool.parent))  # for `import _bootstrap`, as when run as a script
-    try:
-        spec = importlib.util.spec_from_file_location("evaluate_tool", tool)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(tool.parent))
-    return mod
+    from megatron_apt.cli import evaluate
+
+    return evaluate
 
 
 def test_evaluate_cli_end_to_end(tmp_path, real_videos, cache_dir, classifier, capsys):
