@@ -13,7 +13,7 @@ hashed its files, so a visible `step-N` is always complete; the oldest are remov
 anything is written the free space is checked against the checkpoint's size, so a full disk stops the run
 with a clear message and the previous checkpoint untouched. On resume every rank verifies its own files; a
 damaged newest checkpoint is set aside as `step-N.damaged` and the previous one is used.
-`checkpoint.convert` reads the same format offline (consolidate, reshard, export).
+`TrainingCheckpoint` below reads the same format offline (for `consolidate`, `export_generator`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ from megatron_apt.checkpoint import integrity
 from megatron_apt.checkpoint.integrity import CheckpointError
 from megatron_apt.parallel.comm import all_ranks_true
 from megatron_apt.utils import atomic_write_json, fsync_dir, get_logger
+from megatron_apt.config.model import MMDiTConfig
+from dataclasses import dataclass
+from megatron_apt.checkpoint.common import ConversionError, TRAINER_META, VerificationError, numel, read_json, read_tensors, safetensors_keys, check_state, expected_shapes, head_mlp_ratio_from, model_buffers
+from megatron_apt.checkpoint.model_dir import CONFIG_NAME
+from megatron_apt.checkpoint.tensor_parallel import merge_tp_shards
 
 log = get_logger("megatron_apt.checkpoint")
 
@@ -241,3 +246,380 @@ class CheckpointStore:
             eng.load_state_tensors({k[len(pre):]: v for k, v in tensors.items()
                                     if k.startswith(pre) and not k.startswith(pre + "buffer.")})
         return meta
+
+
+# ---- training checkpoints ------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A `step-N` checkpoint directory from itself or from a run directory (its latest complete one)."""
+    return checkpoint_candidates(path)[0]
+
+
+def checkpoint_candidates(path: str | Path) -> list[Path]:
+    """[the checkpoint] for a `step-N` directory; a run directory's complete checkpoints, newest first."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    if (p / TRAINER_META).is_file():
+        return [p]
+    ck = p / "checkpoints"
+    if ck.is_dir():
+        done = integrity.complete_checkpoints(ck)
+        if done:
+            return done
+        raise ConversionError(f"run directory {p} has no complete checkpoint under {ck}")
+    if (p / CONFIG_NAME).is_file():
+        raise ConversionError(f"{p} is a model directory, not a training checkpoint")
+    if p.name.startswith("step-") or any(p.glob("rank*.safetensors")):
+        raise ConversionError(f"checkpoint {p} has no {TRAINER_META}: incomplete (its write was interrupted?)")
+    raise ConversionError(f"{p} is neither a run directory (with checkpoints/step-N) nor a checkpoint "
+                          f"(with {TRAINER_META})")
+
+
+@dataclass
+class EngineLayout:
+    name: str
+    kind: str  # "zero3", "torch" or "pipeline"
+    zero_world: int
+    by_tp: list[list[int]]  # global ranks per tp_rank, in zero-rank order (pipeline: every rank of that tp_rank)
+    stages: list[list[int]] | None = None  # pipeline: per tp_rank, one rank per pipeline stage (stage order)
+
+
+class TrainingCheckpoint:
+    """A trainer checkpoint, read offline from its rank files. Construction checks that every rank's files
+    are present and readable, and that the ranks cover the tensor-parallel x ZeRO grid."""
+
+    def __init__(self, path: str | Path):
+        # every file is checked against the sizes and checksums recorded at save; for a run directory a
+        # damaged latest checkpoint gives a warning naming the file and the previous one is used
+        damaged = []
+        for cand in checkpoint_candidates(path):
+            try:
+                meta = integrity.verify_checkpoint(cand)
+                break
+            except CheckpointError as e:
+                damaged.append(str(e))
+                log.warning("%s; trying the previous checkpoint", e)
+        else:
+            raise CheckpointError(f"no intact checkpoint in {path}: " + "; ".join(damaged))
+        self.path = cand
+        self.meta = meta
+        if "models" not in meta or "world_size" not in meta:
+            raise ConversionError(f"{self.path / TRAINER_META} has no 'models' / 'world_size': written by a trainer "
+                                  "that did not record the offline layout; resume it once with the current trainer")
+        fp = meta.get("fingerprint", {})
+        layout = fp.get("layout") or [meta.get("tp", 1), meta.get("sp", 1), None, 1]
+        self.pp = int(layout[3]) if len(layout) > 3 and layout[3] else 1
+        self.stage = fp.get("stage")
+        self.step = int(meta.get("step", -1))
+        self.world = int(meta["world_size"])
+        self.tp = int(meta.get("tp", 1))
+        self.ranks: list[dict[str, Any]] = []
+        self.keys: list[set[str]] = []
+        for r in range(self.world):
+            j, s = self.rank_json(r), self.rank_file(r)
+            for f in (j, s):
+                if not f.is_file():
+                    raise ConversionError(f"checkpoint {self.path} is missing the shard of rank {r} ({f.name}); "
+                                          f"it was written by {self.world} ranks")
+            info = read_json(j, "rank layout")
+            if int(info.get("rank", -1)) != r or "engines" not in info:
+                raise ConversionError(f"{j} does not describe rank {r}")
+            self.ranks.append(info)
+            self.keys.append(set(safetensors_keys(s)))
+        self.layouts = {e: self._engine_layout(e) for e in self.engines}
+        self.bar = None  # a progress bar counting the parameter tensors gathered from rank files, when set
+        self._counting = False
+
+    # ---- description ----
+    def rank_file(self, r: int) -> Path:
+        return self.path / f"rank{r:05d}.safetensors"
+
+    def rank_json(self, r: int) -> Path:
+        return self.path / f"rank{r:05d}.json"
+
+    @property
+    def engines(self) -> list[str]:
+        return list(self.meta["models"])
+
+    def _need(self, engine: str) -> None:
+        if engine not in self.meta["models"]:
+            raise ConversionError(f"checkpoint {self.path} has no model {engine!r}; it holds {self.engines}")
+
+    def config(self, engine: str) -> MMDiTConfig:
+        self._need(engine)
+        return MMDiTConfig.from_dict(self.meta["models"][engine]["model"])
+
+    def kind(self, engine: str) -> str:
+        """Kind of the consolidated model: generator / discriminator (APT), diffusion (flow), consistency (cd)."""
+        self._need(engine)
+        if engine == "model":
+            return "consistency" if self.stage == "cd" else "diffusion"
+        default = {"G": "generator", "D": "discriminator"}.get(engine, "diffusion")
+        return self.meta["models"][engine].get("kind") or default
+
+    def head_layers(self, engine: str) -> list[int] | None:
+        self._need(engine)
+        return self.meta["models"][engine].get("head_layers")
+
+    def has_ema(self, engine: str) -> bool:
+        return all(f"{engine}.ema.0" in k for k in self.keys)
+
+    def layout_shapes(self, engine: str) -> dict[str, list[int]]:
+        """Tensor-parallel local shapes of tp_rank 0 (all its pipeline stages), by parameter name."""
+        lay = self.ranks[0]["engines"][engine]
+        if lay["kind"] == "zero3":
+            return {p[0]: p[1] for g in lay["groups"] for p in g}
+        if lay["kind"] == "pipeline":
+            return {p[0]: p[1] for r in self.layouts[engine].stages[0] for p in self.ranks[r]["engines"][engine]["params"]}
+        return {p[0]: p[1] for p in lay["params"]}
+
+    def head_mlp_ratio(self, engine: str) -> float:
+        shapes = self.layout_shapes(engine)
+        return head_mlp_ratio_from(shapes, self.config(engine).hidden_size)
+
+    def _pipeline_layout(self, engine: str) -> EngineLayout:
+        """Pipeline stages: each (tp_rank, pp_rank) needs at least one rank; data-parallel replicas of it must
+        hold identical parameters (checked by --verify)."""
+        by: dict[int, dict[int, list[int]]] = {}
+        for r, info in enumerate(self.ranks):
+            lay = info["engines"].get(engine)
+            if lay is None or lay.get("kind") != "pipeline":
+                raise ConversionError(f"model {engine!r}: unknown or mixed engine layouts (rank {r} is not 'pipeline')")
+            t, s = int(info.get("tp_rank", 0)), int(lay.get("pp_rank", info.get("pp_rank", 0)))
+            if not 0 <= t < self.tp or not 0 <= s < self.pp:
+                raise ConversionError(f"{self.rank_json(r)}: tp_rank {t} / pp_rank {s} outside tp={self.tp}, pp={self.pp}")
+            by.setdefault(t, {}).setdefault(s, []).append(r)
+        if sorted(by) != list(range(self.tp)):
+            raise ConversionError(f"model {engine!r}: tensor-parallel ranks {sorted(by)} present, expected 0..{self.tp - 1}")
+        for t, st in by.items():
+            if sorted(st) != list(range(self.pp)):
+                raise ConversionError(f"model {engine!r}: tp_rank {t} has pipeline stages {sorted(st)}, expected "
+                                      f"0..{self.pp - 1} (missing shard?)")
+        stages = [[by[t][s][0] for s in range(self.pp)] for t in range(self.tp)]
+        return EngineLayout(engine, "pipeline", 1, [sorted(r for s in by[t].values() for r in s) for t in range(self.tp)],
+                            stages)
+
+    def _engine_layout(self, engine: str) -> EngineLayout:
+        if any(info["engines"].get(engine, {}).get("kind") == "pipeline" for info in self.ranks):
+            return self._pipeline_layout(engine)
+        kinds = set()
+        by_tp: dict[int, dict[int, int]] = {}
+        zero_world = 1
+        for r, info in enumerate(self.ranks):
+            lay = info["engines"].get(engine)
+            if lay is None:
+                raise ConversionError(f"{self.rank_json(r)} has no layout for model {engine!r}")
+            kinds.add(lay.get("kind"))
+            t, z = int(info.get("tp_rank", 0)), int(info.get("zero_rank", 0))
+            if not 0 <= t < self.tp:
+                raise ConversionError(f"{self.rank_json(r)}: tp_rank {t} is outside 0..{self.tp - 1}")
+            if lay.get("kind") == "zero3":
+                zero_world = int(lay["zero_world"])
+                if z in by_tp.setdefault(t, {}):
+                    raise ConversionError(f"ranks {by_tp[t][z]} and {r} both claim tp_rank {t}, zero_rank {z}")
+            by_tp.setdefault(t, {}).setdefault(z, r)
+        if len(kinds) != 1 or next(iter(kinds)) not in ("zero3", "torch"):
+            raise ConversionError(f"model {engine!r}: unknown or mixed engine layouts {sorted(map(str, kinds))}")
+        kind = next(iter(kinds))
+        if sorted(by_tp) != list(range(self.tp)):
+            raise ConversionError(f"model {engine!r}: tensor-parallel ranks {sorted(by_tp)} present, "
+                                  f"expected 0..{self.tp - 1}")
+        if kind == "zero3":
+            for t, zs in by_tp.items():
+                if sorted(zs) != list(range(zero_world)):
+                    raise ConversionError(f"model {engine!r}: tp_rank {t} has ZeRO ranks {sorted(zs)}, expected "
+                                          f"0..{zero_world - 1} (missing shard?)")
+        return EngineLayout(engine, kind, zero_world, [[zs[z] for z in sorted(zs)] for t, zs in sorted(by_tp.items())])
+
+    # ---- consolidation ----
+    def _tensor(self, r: int, key: str) -> torch.Tensor:
+        if key not in self.keys[r]:
+            raise ConversionError(f"{self.rank_file(r)} has no tensor {key} (the rank's layout names it)")
+        t = read_tensors(self.rank_file(r), [key])[key]
+        if self.bar is not None and self._counting:
+            self.bar.update(1)
+        return t
+
+    def planned_reads(self, engine: str) -> int:
+        """How many rank-file tensors gathering `engine`'s parameters reads (tp_local_states; the progress bar's
+        total)."""
+        lay = self.layouts[engine]
+        if lay.kind == "zero3":
+            return sum(len(self.ranks[rs[0]]["engines"][engine]["groups"]) * len(rs) for rs in lay.by_tp)
+        pre = f"{engine}.param."
+        ranks = [r for st in lay.stages for r in st] if lay.kind == "pipeline" else [rs[0] for rs in lay.by_tp]
+        total = 0
+        for r in ranks:
+            named = {p[0] for p in self.ranks[r]["engines"][engine]["params"]}
+            total += len(named) + sum(1 for k in self.keys[r] if k.startswith(pre) and k[len(pre):] not in named)
+        return total
+
+    def _zero3_local(self, engine: str, t: int, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        lay = self.layouts[engine]
+        ranks = lay.by_tp[t]
+        Z = lay.zero_world
+        groups = self.ranks[ranks[0]]["engines"][engine]["groups"]
+        for r in ranks[1:]:
+            other = self.ranks[r]["engines"][engine]["groups"]
+            if other != groups:
+                raise ConversionError(f"model {engine!r}: rank {r}'s ZeRO layout differs from rank {ranks[0]}'s "
+                                      "(mismatched shapes)")
+        what = "ema" if ema else "master"
+        state, dims = {}, {}
+        for gi, group in enumerate(groups):
+            want = sum(int(p[2]) for p in group)
+            flats = []
+            for r in ranks:
+                flat = self._tensor(r, f"{engine}.{what}.{gi}")
+                if flat.dim() != 1 or flat.numel() != want:
+                    raise ConversionError(f"{self.rank_file(r)}: {engine}.{what}.{gi} has shape "
+                                          f"{tuple(flat.shape)}, its layout needs ({want},) (mismatched shapes)")
+                flats.append(flat)
+            off = 0
+            for name, shape, pn, dim in group:
+                n, pn = numel(shape), int(pn)
+                if pn != -(-n // Z):
+                    raise ConversionError(f"model {engine!r}: {name} of shape {tuple(shape)} has partition size {pn}, "
+                                          f"ZeRO over {Z} ranks gives {-(-n // Z)} (mismatched shapes)")
+                full = torch.cat([f[off:off + pn] for f in flats])[:n]
+                state[name] = full.view(*shape).clone()
+                dims[name] = int(dim)
+                off += pn
+        return state, dims
+
+    def _pipeline_local(self, engine: str, t: int, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The union of the stages' parameters (each stage names them as the full model does)."""
+        state, dims = {}, {}
+        for r in self.layouts[engine].stages[t]:
+            s, d = self._torch_local(engine, t, ema, rank=r)
+            twice = set(s) & set(state)
+            if twice:
+                raise ConversionError(f"model {engine!r}: pipeline stages both hold {sorted(twice)[:3]} (overlapping "
+                                      "stages)")
+            state.update(s)
+            dims.update(d)
+        return state, dims
+
+    def _torch_local(self, engine: str, t: int, ema: bool, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        r = self.layouts[engine].by_tp[t][0] if rank is None else rank
+        params = self.ranks[r]["engines"][engine]["params"]
+        pre = f"{engine}.param."
+        state, dims = {}, {}
+        for j, (name, shape, dim) in enumerate(params):
+            v = self._tensor(r, f"{engine}.ema.{j}" if ema else f"{pre}{name}")
+            if list(v.shape) != list(shape):
+                raise ConversionError(f"{self.rank_file(r)}: {name} has shape {tuple(v.shape)}, its layout says "
+                                      f"{tuple(shape)} (mismatched shapes)")
+            state[name], dims[name] = v, int(dim)
+        named = {p[0] for p in params}
+        for k in sorted(self.keys[r]):  # buffers (state_dict entries that are not parameters)
+            if k.startswith(pre) and k[len(pre):] not in named:
+                state[k[len(pre):]] = self._tensor(r, k)
+        return state, dims
+
+    def tp_local_states(self, engine: str, ema: bool = False) -> tuple[list[dict[str, torch.Tensor]], dict[str, int]]:
+        """Per tensor-parallel rank, the full (ZeRO-gathered) local parameters; and their partition dims."""
+        self._need(engine)
+        if ema and not self.has_ema(engine):
+            raise ConversionError(f"checkpoint {self.path}: model {engine!r} has no EMA (use the raw weights)")
+        fn = {"zero3": self._zero3_local, "pipeline": self._pipeline_local}.get(self.layouts[engine].kind,
+                                                                                 self._torch_local)
+        locals_, dims = [], {}
+        for t in range(self.tp):
+            self._counting = True
+            try:
+                s, d = fn(engine, t, ema)
+            finally:
+                self._counting = False
+            if dims and d != dims:
+                raise ConversionError(f"model {engine!r}: tensor-parallel rank {t} lists other parameters than rank 0")
+            locals_.append(s)
+            dims = d
+        return locals_, dims
+
+    def state_dict(self, engine: str, ema: bool = False,
+                   buffers: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The consolidated fp32 state dict of an engine's module (keys as the trainer's module names them,
+        e.g. `backbone.*` for G and D), checked against the model config. Buffers a ZeRO-3 checkpoint does
+        not hold are taken from `buffers` (by MMDiT name, e.g. "pos_table") or recomputed from the config."""
+        locals_, dims = self.tp_local_states(engine, ema)
+        state = merge_tp_shards(locals_, dims, what=f"checkpoint {self.path} model {engine!r}", check_replicas=False)
+        prefix = "backbone." if engine in ("G", "D") or all(k.startswith("backbone.") for k in state) else ""
+        r0 = self.layouts[engine].by_tp[0][0]
+        for k, v in model_buffers(self.config(engine), prefix).items():
+            if k in state:
+                continue
+            given = (buffers or {}).get(k[len(prefix):])  # an explicit --buffers-from wins over the checkpoint
+            if given is None and f"{engine}.buffer.{k}" in self.keys[r0]:  # the trainer saves "{engine}.buffer.{name}"
+                state[k] = self._tensor(r0, f"{engine}.buffer.{k}").to(torch.float32)
+                continue
+            if given is not None and tuple(given.shape) != tuple(v.shape):
+                raise ConversionError(f"buffer {k[len(prefix):]} has shape {tuple(given.shape)} where the checkpoint's "
+                                      f"model needs {tuple(v.shape)} (mismatched shapes)")
+            state[k] = given.to(torch.float32) if given is not None else v
+        return state
+
+    def recomputed_buffers(self, engine: str, buffers: dict[str, torch.Tensor] | None = None) -> list[str]:
+        """Buffers that consolidation recomputes from the config (not in the checkpoint, not given)."""
+        if self.layouts[engine].kind != "zero3":
+            return []
+        r0 = self.layouts[engine].by_tp[0][0]
+        held = {k.split(".buffer.", 1)[1].removeprefix("backbone.") for k in self.keys[r0]
+                if k.startswith(f"{engine}.buffer.")}
+        return [k for k in model_buffers(self.config(engine)) if k not in (buffers or {}) and k not in held]
+
+    def product_state(self, engine: str, ema: bool = False, state: dict[str, torch.Tensor] | None = None):
+        """What a model directory holds: G without its wrapper's `backbone.` prefix, D with every key."""
+        state = self.state_dict(engine, ema) if state is None else state
+        kind = self.kind(engine)
+        if kind != "discriminator" and state and all(k.startswith("backbone.") for k in state):
+            state = {k[len("backbone."):]: v for k, v in state.items()}
+        check_state(state, expected_shapes(self.config(engine), kind, self.head_layers(engine),
+                                           self.head_mlp_ratio(engine)),
+                    f"checkpoint {self.path} model {engine!r}")
+        return state
+
+    def describe(self) -> str:
+        parts = []
+        for e in self.engines:
+            lay = self.layouts[e]
+            zero = f" over {lay.zero_world} ZeRO ranks" if lay.kind == "zero3" else ""
+            parts.append(f"{e} ({self.kind(e)}, {lay.kind}{zero}" + (", +EMA" if self.has_ema(e) else "") + ")")
+        return (f"checkpoint {self.path} (stage {self.stage}, step {self.step}, {self.world} ranks, tp {self.tp}, pp {self.pp}): "
+                + ", ".join(parts))
+
+    # ---- verification ----
+    def check_against_rank_files(self, engine: str, ema: bool, state: dict[str, torch.Tensor]) -> int:
+        """Split a consolidated state (keys as `state_dict` returns them) again into every rank's tensors and
+        compare with the rank files bit for bit (padding excluded). Returns the number of rank tensors checked."""
+        checked = 0
+        lay = self.layouts[engine]
+        what = "ema" if ema else "master"
+        for t, ranks in enumerate(lay.by_tp):
+            for z, r in enumerate(ranks):
+                rl = self.ranks[r]["engines"][engine]
+                if lay.kind == "zero3":
+                    for gi, group in enumerate(rl["groups"]):
+                        flat = self._tensor(r, f"{engine}.{what}.{gi}")
+                        off = 0
+                        for name, shape, pn, dim in group:
+                            full = state[name]
+                            local = full.chunk(self.tp, dim=dim)[t] if dim >= 0 and self.tp > 1 else full
+                            vals = local.reshape(-1)
+                            start = z * pn
+                            n = max(0, min(vals.numel() - start, pn))
+                            if not torch.equal(flat[off:off + n], vals[start:start + n]):
+                                raise VerificationError(f"{name}: the consolidated tensor does not reproduce rank "
+                                                        f"{r}'s partition (tp_rank {t}, zero_rank {z})")
+                            off += pn
+                        checked += 1
+                else:
+                    for j, (name, shape, dim) in enumerate(rl["params"]):
+                        v = self._tensor(r, f"{engine}.ema.{j}" if ema else f"{engine}.param.{name}")
+                        full = state[name]
+                        local = full.chunk(self.tp, dim=dim)[t] if dim >= 0 and self.tp > 1 else full
+                        if not torch.equal(v, local):
+                            raise VerificationError(f"{name}: the consolidated tensor does not reproduce rank {r}'s "
+                                                    f"copy (tp_rank {t}; data-parallel replicas must be identical)")
+                        checked += 1
+        return checked

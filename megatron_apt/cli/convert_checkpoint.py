@@ -94,7 +94,7 @@ def cmd_export_diffusers(a) -> None:
 
 
 def cmd_consolidate(a) -> None:
-    from megatron_apt.checkpoint.convert import consolidate
+    from megatron_apt.checkpoint.consolidate import consolidate
 
     rep = consolidate(a.input, a.output, model=a.model, ema=a.ema, dtype=a.dtype, overwrite=a.overwrite,
                       expect_preset=a.expect_preset, verify=a.verify, buffers_from=a.buffers_from, echo=print)
@@ -102,7 +102,7 @@ def cmd_consolidate(a) -> None:
 
 
 def cmd_reshard(a) -> None:
-    from megatron_apt.checkpoint.convert import reshard
+    from megatron_apt.checkpoint.reshard import reshard
 
     rep = reshard(a.input, a.output, a.tp, overwrite=a.overwrite, expect_preset=a.expect_preset, verify=a.verify,
                   echo=print)
@@ -119,7 +119,7 @@ def _layers(text):
 
 
 def cmd_make_apt_init(a) -> None:
-    from megatron_apt.checkpoint.convert import make_apt_init
+    from megatron_apt.checkpoint.apt_init import make_apt_init
 
     rep = make_apt_init(a.diffusion, a.consistency, a.output, head_layers=a.head_layers, seed=a.seed,
                         head_mlp_ratio=a.head_mlp_ratio, overwrite=a.overwrite, expect_preset=a.expect_preset,
@@ -128,7 +128,7 @@ def cmd_make_apt_init(a) -> None:
 
 
 def cmd_export_generator(a) -> None:
-    from megatron_apt.checkpoint.convert import export_generator
+    from megatron_apt.checkpoint.apt_init import export_generator
 
     rep = export_generator(a.input, a.output, ema=a.ema, dtype=a.dtype, overwrite=a.overwrite,
                            expect_preset=a.expect_preset, verify=a.verify, buffers_from=a.buffers_from, echo=print)
@@ -150,7 +150,7 @@ BUFFERS_HELP = ("a model dir (the run's model.init / model.teacher) to copy fixe
 
 @cli_main  # an OSError (permission, a missing folder, a full disk): one line naming the path, status 2
 def main(argv=None) -> int:
-    from megatron_apt.checkpoint.convert import DEFAULT_SEED, VerificationError
+    from megatron_apt.checkpoint.common import DEFAULT_SEED, VerificationError
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -2,7 +2,7 @@
 
 Builds the stage's networks on the meta device and prints, per GPU: ZeRO-3 parameter shards and the gathered
 working set, gradient shards and buckets, fp32 master weights, optimizer state, EMA, the cd teacher, and
-activations at the real sequence lengths (the model is documented in megatron_apt/planning.py); the exact
+activations at the real sequence lengths (the model is documented in megatron_apt/planning/__init__.py); the exact
 global-batch arithmetic; and an estimated update time from the measured single-GPU training rate plus
 ZeRO-3 / tensor / sequence-parallel traffic. A layout that does not fit is refused (exit status 1) with the
 fastest layouts that do (searched over tp, sp in {1, 2, 4, 8} and the micro-batch; among those within 2% of

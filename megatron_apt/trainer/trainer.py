@@ -493,7 +493,7 @@ class Trainer:
 
     # ---- outputs ------------------------------------------------------------------------------------------------
     def _full_state(self, eng, use_ema: bool) -> dict[str, torch.Tensor]:
-        from megatron_apt.checkpoint.tp_consolidate import consolidate_tp
+        from megatron_apt.checkpoint.tensor_parallel import consolidate_tp
 
         with eng.full_parameters(use_ema=use_ema) as sd:
             sd = {k: v.detach().float().cpu() for k, v in sd.items()}
@@ -550,7 +550,7 @@ class Trainer:
     def _export_from_checkpoint(self, out: Path) -> None:
         """Pipeline stages hold disjoint parameters: rank 0 consolidates the final checkpoint offline (the
         code of `tools/convert_checkpoint.py consolidate`)."""
-        from megatron_apt.checkpoint.convert import consolidate
+        from megatron_apt.checkpoint.consolidate import consolidate
 
         _barrier()
         if _rank() == 0:

@@ -51,7 +51,7 @@ def _fresh(engine):
 
 def _probe(trainer):
     """The runtime model's outputs on the tools' probe inputs (all ranks take part: ZeRO-3 gathers)."""
-    from megatron_apt.checkpoint.convert import probe_inputs
+    from megatron_apt.checkpoint.verify import probe_inputs
 
     engines = trainer.method.engines()
     out = {}
@@ -86,7 +86,9 @@ def _train_all(rank, world, base):
 
 def _tp_parity(rank, world, gen_tp2, disc_tp2, gen_tp1, disc_tp1):
     """A randomly initialised model, parallelized at TP=2, loaded with load_tp_shard, against the TP=1 model."""
-    from megatron_apt.checkpoint.convert import load_discriminator, load_tp_shard, probe_forward, tp_partition_dim
+    from megatron_apt.checkpoint.model_dir import load_discriminator, load_tp_shard
+    from megatron_apt.checkpoint.tensor_parallel import tp_partition_dim
+    from megatron_apt.checkpoint.verify import probe_forward
     from megatron_apt.config.model import DiscriminatorConfig
     from megatron_apt.models import Discriminator, build_mmdit
     from megatron_apt.checkpoint.model_dir import load_mmdit
@@ -120,7 +122,7 @@ def _tp_parity(rank, world, gen_tp2, disc_tp2, gen_tp1, disc_tp1):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from megatron_apt.checkpoint.convert import make_apt_init
+    from megatron_apt.checkpoint.apt_init import make_apt_init
     from megatron_apt.models import build_mmdit
     from megatron_apt.checkpoint.model_dir import save_mmdit
 
@@ -147,7 +149,8 @@ def _assert_same_tensors(a_dir, b_dir):
 def test_consolidate_equals_trainer_export_and_runtime_forward(runs, tmp_path, capsys, monkeypatch):
     import re
 
-    from megatron_apt.checkpoint.convert import load_discriminator, probe_forward
+    from megatron_apt.checkpoint.model_dir import load_discriminator
+    from megatron_apt.checkpoint.verify import probe_forward
     from megatron_apt.checkpoint.model_dir import load_mmdit
 
     base, probes = runs
@@ -240,7 +243,7 @@ def test_export_generator_from_runs(runs, tmp_path):
 def test_make_apt_init_starts_the_apt_stage(runs, tmp_path):
     """init/generator served as model.init of the APT runs; D's backbone is the diffusion weights bit for bit
     and its heads are the ones the APT stage draws (dp2 trained D with lr 1e-30: nothing moved)."""
-    from megatron_apt.checkpoint.convert import load_discriminator
+    from megatron_apt.checkpoint.model_dir import load_discriminator
     from megatron_apt.checkpoint.model_dir import load_mmdit
 
     base, _ = runs
@@ -258,7 +261,7 @@ def test_make_apt_init_starts_the_apt_stage(runs, tmp_path):
 
 
 def test_reshard_round_trip_and_tp_shards_feed_a_parallel_model(runs, tmp_path):
-    from megatron_apt.checkpoint.convert import load_tp_shard
+    from megatron_apt.checkpoint.model_dir import load_tp_shard
 
     base, _ = runs
     step = sorted((base / "tp2" / "checkpoints").glob("step-*"))[-1]

@@ -215,7 +215,7 @@ def test_pp2_checkpoint_consolidates_to_pp1_and_resumes(runs, tmp_path):
     ck = run / "checkpoints" / "step-00000002"
     # PP=2 -> one consolidated model directory, checked against every rank file (--verify)
     assert run_tool("convert_checkpoint", "consolidate", "--input", ck, "--output", tmp_path / "pp1", "--verify") == 0
-    from megatron_apt.checkpoint.convert import TrainingCheckpoint
+    from megatron_apt.checkpoint.training import TrainingCheckpoint
 
     class Count:  # the progress bar's total is what consolidation reads, stage by stage
         n = 0

@@ -35,7 +35,7 @@ def dirs(tmp_path_factory):
 
 
 def test_partition_dims_follow_the_tensor_parallel_plan():
-    from megatron_apt.checkpoint.convert import tp_partition_dim
+    from megatron_apt.checkpoint.tensor_parallel import tp_partition_dim
 
     cases = {"blocks.0.attn.x_q.weight": 0, "blocks.0.attn.x_q.bias": 0, "blocks.3.attn.c_v.weight": 0,
              "blocks.1.x_mlp.fc1.bias": 0, "blocks.1.attn.x_out.weight": 1, "blocks.1.attn.x_out.bias": -1,
@@ -47,7 +47,8 @@ def test_partition_dims_follow_the_tensor_parallel_plan():
 
 
 def test_reshard_round_trip_is_bit_exact_and_shards_are_the_runtime_split(dirs, tmp_path):
-    from megatron_apt.checkpoint.convert import load_tp_shard, make_apt_init
+    from megatron_apt.checkpoint.apt_init import make_apt_init
+    from megatron_apt.checkpoint.model_dir import load_tp_shard
 
     make_apt_init(dirs / "diff", dirs / "cd", tmp_path / "init")
     for name in ("generator", "discriminator"):
@@ -77,7 +78,7 @@ def test_reshard_round_trip_is_bit_exact_and_shards_are_the_runtime_split(dirs, 
 
 
 def test_make_apt_init(dirs, tmp_path, capsys):
-    from megatron_apt.checkpoint.convert import load_discriminator
+    from megatron_apt.checkpoint.model_dir import load_discriminator
     from megatron_apt.config.model import DiscriminatorConfig
     from megatron_apt.models import Discriminator, build_mmdit
     from megatron_apt.checkpoint.model_dir import load_mmdit
@@ -183,10 +184,10 @@ def test_reshard_bad_inputs(dirs, tmp_path, capsys):
 
 def test_a_failed_conversion_leaves_nothing(dirs, tmp_path, monkeypatch):
     """A conversion killed half-way (here: an error while writing the second model) leaves no output."""
-    from megatron_apt.checkpoint import convert
+    from megatron_apt.checkpoint import apt_init
 
     calls = []
-    real = convert.write_model_files
+    real = apt_init.write_model_files
 
     def dying(*a, **k):
         calls.append(1)
@@ -194,9 +195,9 @@ def test_a_failed_conversion_leaves_nothing(dirs, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(convert, "write_model_files", dying)
+    monkeypatch.setattr(apt_init, "write_model_files", dying)
     with pytest.raises(KeyboardInterrupt):
-        convert.make_apt_init(dirs / "diff", dirs / "cd", tmp_path / "init")
+        apt_init.make_apt_init(dirs / "diff", dirs / "cd", tmp_path / "init")
     assert list(tmp_path.iterdir()) == []
 
 

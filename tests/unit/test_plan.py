@@ -1,4 +1,4 @@
-"""The planner (megatron_apt/planning.py, tools/plan.py).
+"""The planner (megatron_apt/planning/, tools/plan.py).
 
 Exact: parameter counts; per-rank bytes of ZeRO-3 parameter shards, parameters kept whole, gradient shards,
 reduce buckets, fp32 master weights, RMSprop state and the EMA, compared with DeepSpeed's own buffers after
