@@ -170,6 +170,14 @@ def _tool_module():
     return profile_throughput
 
 
+def test_training_steps_run_the_projects_methods(tmp_path):
+    """The profiler times the method the trainer runs (not a copy of its losses)."""
+    out = tmp_path / "m.json"
+    res = load(run_tool("--smoke", "--mode", "train", "--stage", "all", "--json", out), out)
+    assert {s: r["config"]["method"] for s, r in res["stages"].items()} == {
+        "apt": "AdversarialPostTraining", "flow": "FlowMatching", "cd": "ConsistencyDistillation"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--resolution", "1279x720"], "not divisible by the VAE x patch factors"),
     (["--resolution", "1280x712"], "nearest valid: 1280x720"),
@@ -189,11 +197,13 @@ def test_bad_shapes_fail_clearly(argv, message, capsys):
 def test_video_to_latent_paper_shape():
     from megatron_apt.config.model import get_model_config
 
+    from megatron_apt.profiling import shapes as mod_shapes
+
     mod = _tool_module()
     cfg = get_model_config("8b")
-    assert mod.video_to_latent(1280, 720, 49, 16, cfg.patch_size) == (16, 13, 90, 160)  # 46,800 tokens
+    assert mod_shapes.video_to_latent(1280, 720, 49, 16, cfg.patch_size) == (16, 13, 90, 160)  # 46,800 tokens
     args = mod.build_parser().parse_args(["--mode", "train", "--stage", "all"])
     mod.apply_defaults(args)
     assert args.preset == "2b" and args.stages == ["apt", "flow", "cd"] and args.text_len == 512
-    shapes = mod.resolve_shapes(args, get_model_config(args.preset))
+    shapes = mod_shapes.resolve_shapes(args, get_model_config(args.preset))
     assert shapes["latent"] == [16, 13, 90, 160] and shapes["n_visual_tokens"] == 46800 and shapes["frames"] == 49
