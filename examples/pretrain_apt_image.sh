@@ -62,7 +62,9 @@ set_args() {  # the inputs; every hyper-parameter comes from the YAML and the st
   ARG_GROUPS=(MODEL_ARGS DATA_ARGS DEEPSPEED_ARGS OUTPUT_ARGS)
 }
 
-# ---- launch: the same in every examples/*.sh training script (sourced from examples/launch.sh) --
+# ---- launch: these closing lines are the same in every examples/*.sh training script, on purpose: a
+# launcher runs this very file (with bash, or with python for the lines at the end), so they cannot live in
+# the shared examples/launch.sh, which does everything else.
 set -euo pipefail
 LAUNCH_SH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/launch.sh"
 if [[ ! -f "$LAUNCH_SH" && -n "${SLURM_SUBMIT_DIR:-}" ]]; then

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
+# a field and its docstring per option, as in every config dataclass here: their lines look alike by design
 @dataclass
 class MMDiTConfig:
     """Shape of an SD3-style MMDiT (dual-stream joint-attention diffusion transformer)."""
@@ -138,6 +139,7 @@ class MMDiTConfig:
         return cls(**d)
 
 
+# a field and its docstring per option, as in every config dataclass here: their lines look alike by design
 @dataclass
 class DiscriminatorConfig:
     """The APT discriminator heads (paper §3.3, Fig. 1)."""

@@ -74,6 +74,7 @@ class PreprocessError(RuntimeError):
     """A problem with the arguments or the existing output that stops the job before it starts."""
 
 
+# a field and its docstring per option, as in every config dataclass here: their lines look alike by design
 @dataclass
 class PreprocessStats:
     inputs: int = 0

@@ -337,6 +337,7 @@ class DigitClassifier(nn.Module):
         return torch.cat(feats), torch.cat(logits)
 
 
+# a field and its docstring per option, as in every config dataclass here: their lines look alike by design
 @dataclass
 class ClassifierSettings:
     size: int = 24

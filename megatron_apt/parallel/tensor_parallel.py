@@ -72,40 +72,38 @@ _COLUMN = None
 _ROW = None
 
 
-def column_parallel_from(linear: nn.Linear, tp: int, rank: int) -> nn.Module:
-    global _COLUMN
-    _COLUMN = _COLUMN or _column_cls()
+def _parallel_from(linear: nn.Linear, tp: int, rank: int, dim: int) -> nn.Module:
+    """megatron-core's ColumnParallelLinear (dim 0: output features split, bias split) or RowParallelLinear
+    (dim 1: input features split, bias whole) holding this rank's chunk of `linear`."""
+    global _COLUMN, _ROW
+    if dim == 0:
+        _COLUMN = _COLUMN or _column_cls()
+        cls, kw = _COLUMN, {"gather_output": False}
+    else:
+        _ROW = _ROW or _row_cls()
+        cls, kw = _ROW, {"input_is_parallel": True}
     w = linear.weight
     on_cpu = w.device.type != "cuda"
-    mod = _COLUMN(linear.in_features, linear.out_features, config=_mp_config(tp, w.dtype, on_cpu),
-                  init_method=_noop_init, bias=linear.bias is not None, gather_output=False, skip_bias_add=False)
+    mod = cls(linear.in_features, linear.out_features, config=_mp_config(tp, w.dtype, on_cpu),
+              init_method=_noop_init, bias=linear.bias is not None, skip_bias_add=False, **kw)
     if w.device.type != "meta":
         mod = mod.to(w.device)
         with torch.no_grad():
-            mod.weight.copy_(w.chunk(tp, dim=0)[rank])
+            mod.weight.copy_(w.chunk(tp, dim=dim)[rank])
             if linear.bias is not None:
-                mod.bias.copy_(linear.bias.chunk(tp, dim=0)[rank])
-    _mark(mod.weight, 0)
-    if mod.bias is not None:
+                mod.bias.copy_(linear.bias.chunk(tp, dim=0)[rank] if dim == 0 else linear.bias)
+    _mark(mod.weight, dim)
+    if dim == 0 and mod.bias is not None:
         _mark(mod.bias, 0)
     return mod
 
 
+def column_parallel_from(linear: nn.Linear, tp: int, rank: int) -> nn.Module:
+    return _parallel_from(linear, tp, rank, 0)
+
+
 def row_parallel_from(linear: nn.Linear, tp: int, rank: int) -> nn.Module:
-    global _ROW
-    _ROW = _ROW or _row_cls()
-    w = linear.weight
-    on_cpu = w.device.type != "cuda"
-    mod = _ROW(linear.in_features, linear.out_features, config=_mp_config(tp, w.dtype, on_cpu),
-               init_method=_noop_init, bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False)
-    if w.device.type != "meta":
-        mod = mod.to(w.device)
-        with torch.no_grad():
-            mod.weight.copy_(w.chunk(tp, dim=1)[rank])
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias)
-    _mark(mod.weight, 1)
-    return mod
+    return _parallel_from(linear, tp, rank, 1)
 
 
 class TPRMSNorm(RMSNorm):

@@ -117,6 +117,7 @@ OPTIMIZER_STATE_NAMES = {"rmsprop": "RMSprop: square_avg", "adam": "Adam: exp_av
                          "adamw": "AdamW: exp_avg, exp_avg_sq"}
 
 
+# a field and its docstring per option, as in every config dataclass here: their lines look alike by design
 @dataclass
 class PlanRequest:
     """A stage, a model and a layout to plan (request_from_config builds one from a training YAML)."""
@@ -236,6 +237,7 @@ class Memory:
         return sum(i.bytes for i in self.static if i.label == label)
 
 
+# a field and its docstring per option, as in every config dataclass here: their lines look alike by design
 @dataclass
 class StepTime:
     per_update_s: float
