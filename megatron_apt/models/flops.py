@@ -54,7 +54,7 @@ DATASHEET_BF16_DENSE: tuple[tuple[str, float], ...] = (
 H100_SXM_BF16_DENSE = 989e12
 """The H100 / H200 SXM datasheet figure every MFU in this project is reported against."""
 MEASURED_H200_BF16 = 800e12
-"""Dense bf16 matmul (8192^3) measured on one H200 with torch 2.11 (GUIDE.md §2): a reachable ceiling."""
+"""Dense bf16 matmul (8192^3) measured on one H200 with torch 2.11: a reachable ceiling."""
 
 
 def peak_flops(device: Any = None) -> float | None:

@@ -201,7 +201,7 @@ def test_8b_video_closed_form():
     head = 2 * D * 2 * D + 2 * Lx * D * 64
     assert mf.mmdit_forward_flops(cfg, 1, Lx, Lc) == (n - 1) * full + last + embed + head
     bd = mf.mmdit_forward_flops(cfg, 1, Lx, Lc, breakdown=True)
-    assert 0.65 < bd["attention"] / bd["total"] < 0.75  # GUIDE.md: attention is ~70% at video length
+    assert 0.65 < bd["attention"] / bd["total"] < 0.75  # attention is ~70% of the FLOPs at video length
     assert bd["embed"] + bd["blocks_linear"] + bd["attention"] + bd["head"] == bd["total"]
     assert mf.mmdit_forward_flops(cfg, 3, Lx, Lc) == 3 * bd["total"]
 
