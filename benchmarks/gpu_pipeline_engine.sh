@@ -14,7 +14,7 @@ OUT="${1:?output folder}"; NGPU="${NGPU:-1}"; STEPS="${STEPS:-6}"; PRESET="${PRE
 SHAPE="${SHAPE:-[16,1,128,128]}"; TEXT="${TEXT:-512}"; PREC="${PREC:-bf16}"
 mkdir -p "$OUT"
 if [[ ! -f "$OUT/model/config.json" ]]; then
-  python3 -c "from megatron_apt.models import build_mmdit, save_mmdit; save_mmdit(build_mmdit('$PRESET', zero_init=False, seed=1), '$OUT/model')"
+  python3 -c "from megatron_apt.models import build_mmdit; from megatron_apt.checkpoint.model_dir import save_mmdit; save_mmdit(build_mmdit('$PRESET', zero_init=False, seed=1), '$OUT/model')"
 fi
 COMMON=(stage=apt_image model.preset="$PRESET" "model.init=$OUT/model" "model.teacher=$OUT/model" data.synthetic=true
         "data.synthetic_shape=$SHAPE" data.synthetic_text_len="$TEXT" data.synthetic_size=16 steps="$STEPS"

@@ -74,7 +74,8 @@ debug_models() {  # the debug preset's diffusion model and G-hat (seeded: identi
   if [[ "${DEBUG:-0}" != 1 || -f "$DEBUG_MODELS/diffusion/config.json" ]]; then return 0; fi
   "$PYTHON" - "$DEBUG_MODELS" <<'PY'
 import os, shutil, sys
-from megatron_apt.models import build_mmdit, save_mmdit
+from megatron_apt.checkpoint.model_dir import save_mmdit
+from megatron_apt.models import build_mmdit
 out = sys.argv[1]
 tmp = f"{out}.tmp{os.getpid()}"
 save_mmdit(build_mmdit("debug", zero_init=False, seed=1), os.path.join(tmp, "diffusion"))

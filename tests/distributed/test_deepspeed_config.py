@@ -27,7 +27,7 @@ def _engine(rank, world, overrides):
         t = Trainer(load_config(None, overrides))
     except ValueError as e:
         return {"error": str(e)}
-    e = t.stage.engines()["model"].engine
+    e = t.method.engines()["model"].engine
     return {"prefetch": e.zero_prefetch_bucket_size(), "persistence": e.zero_param_persistence_threshold(),
             "reduce": e.zero_reduce_bucket_size(),
             # ZeRO-3 keeps parameters of at most the threshold's size whole on every rank
