@@ -7,6 +7,7 @@ from typing import Any
 
 
 from megatron_apt.config.model import DiscriminatorConfig, MMDiTConfig, get_model_config
+from megatron_apt.config.train import STAGES
 from megatron_apt.parallel.state import ParallelDims
 from megatron_apt.trainer.batching import BatchPlan
 from typing import TYPE_CHECKING
@@ -54,7 +55,6 @@ RESERVE_GIB = 2.0
 FRAGMENTATION = 0.10
 WORKING_SET_BLOCKS = 2
 
-STAGES = ("flow", "cd", "apt_image", "apt_video")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_apt.config.model import DiscriminatorConfig, MMDiTConfig
-from megatron_apt.planning.inputs import STAGES
+from megatron_apt.config.train import STAGES
 
 
 # parameters
