@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {"pretrain_apt_video.sh": "apt_video_8b.yaml", "pretrain_apt_image.sh": "apt_image_8b.yaml",
            "consistency_distill.sh": "cd_8b.yaml", "pretrain_diffusion.sh": "diffusion_8b.yaml"}
-LAUNCH_MARK = "# ---- launch: the same in every examples/*.sh training script"
+LAUNCH_MARK = "# ---- launch: these closing lines are the same in every examples/*.sh training script"
 PY_MARK = '\n"""\n'
 
 
