@@ -9,6 +9,7 @@
 
     plot_run("runs/apt_image")                     # -> runs/apt_image/plots/*.png
     plot_run("runs/x/metrics.jsonl", out="figs")   # any metrics.jsonl
+    plot_compare({"aR1": "runs/apt_image", "no aR1": "runs/apt_image_no_r1"}, "figs/ablation.png")
 
 A quantity the run did not log (a flow-matching run has no logits) gets no file. Steps logged twice (a run
 resumed from an earlier checkpoint) keep their last record; non-finite values (a NaN step) are left out of
@@ -131,3 +132,42 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> list[Path]:
     if out is None:
         out = f.parent / "plots"
     return plot_records(records, out, title=f.parent.name)
+
+
+# the quantities a comparison of APT runs (an ablation) puts side by side: one panel each, one line per run
+COMPARE_KEYS: list[tuple[str, str]] = [("d_loss", "D loss"), ("g_loss", "G loss"),
+                                       ("logit_gap", "D(real) - D(fake)"), ("ar1", "approximated R1")]
+
+
+def plot_compare(runs: dict[str, str | Path], out: str | Path, keys: Sequence[tuple[str, str]] = COMPARE_KEYS,
+                 title: str = "") -> Path:
+    """One PNG with a panel per quantity in `keys` that any run logged and a line per run (label -> run folder
+    or metrics.jsonl): e.g. the D loss and logit gap of an APT run against its no-aR1 ablation."""
+    plt = _plt()
+    data = {label: read_records(run) for label, run in runs.items()}
+    panels = [(k, name) for k, name in keys
+              if any(any(math.isfinite(v) for v in series(recs, k)[1]) for recs in data.values())]
+    if not panels:
+        raise ValueError(f"none of the runs logged any of {', '.join(k for k, _ in keys)}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        for label, recs in data.items():
+            x, y = series(recs, key)
+            ok = [(a, b) for a, b in zip(x, y) if math.isfinite(b)]
+            if ok:
+                ax.plot([a for a, _ in ok], [b for _, b in ok], label=label, lw=1.4,
+                        marker="." if len(ok) < 40 else None)
+        if key == "logit_gap":
+            ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -72,3 +72,19 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert tool.main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_compare_puts_runs_side_by_side(tmp_path, capsys):
+    a, b = _apt_run(tmp_path / "a"), _apt_run(tmp_path / "b", nan_step=0)
+    out = tool.main(["--compare", str(tmp_path / "cmp.png"), f"aR1={a}", f"no aR1={b}"])
+    assert out == 0 and capsys.readouterr().out.strip().endswith("cmp.png")
+    with Image.open(tmp_path / "cmp.png") as im:
+        assert im.size == (1440, 320)  # four panels: D loss, G loss, logit gap, aR1
+        assert len(set(im.convert("L").getdata())) > 20
+    flow = tmp_path / "flow"
+    flow.mkdir()
+    (flow / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert tool.main(["--compare", str(tmp_path / "x.png"), f"f={flow}"]) == 2
+    assert "none of the runs logged any of d_loss" in capsys.readouterr().err
+    assert tool.main(["--compare", str(tmp_path / "x.png"), str(a)]) == 2
+    assert "LABEL=RUN_DIR" in capsys.readouterr().err
