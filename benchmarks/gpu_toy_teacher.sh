@@ -13,7 +13,7 @@
 set -euo pipefail
 OUT="${1:?output folder}"; BUDGET="${2:-420}"; shift $(( $# >= 2 ? 2 : $# ))
 [ $# -gt 0 ] || set -- "toy:"
-W="${WORK:-/tmp/toy_teacher}"; NUM="${NUM:-60000}"; NEVAL="${NEVAL:-256}"
+W="${WORK:-/tmp/toy_teacher}"; NUM="${NUM:-60000}"; NEVAL="${NEVAL:-256}"; CACHE="${CACHE:-$W/cache}"
 mkdir -p "$W" "$OUT"
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
@@ -23,6 +23,7 @@ TOY=(--size 24 --frames 8 --fps 4 --digit-size 8-10 --max-digits 1 --max-text-le
 [ -f "$W/heldout_videos.json" ] || python3 tools/make_toy_dataset.py --indexed "$W/heldout_videos" --num 512 --seed 200 "${TOY[@]}" &
 [ -f "$W/heldout_images.json" ] || python3 tools/make_toy_dataset.py --indexed "$W/heldout_images" --num 512 --seed 201 --images "${TOY[@]}" &
 wait
+for f in videos images heldout_videos heldout_images; do [ -f "$W/$f.json" ] || { echo "data set $f was not written" >&2; exit 1; }; done
 say "data ready"
 names=(); overrides=()
 for v in "$@"; do names+=("${v%%:*}"); overrides+=("${v#*:}"); done
@@ -58,9 +59,9 @@ for i in "${!names[@]}"; do
   n=${names[$i]}
   python3 tools/evaluate.py --real "$W/heldout_videos" --prompts-from-real "$NEVAL" --out "$W/eval-$n-videos" \
     --model "teacher25=$W/run-$n/export/model_ema:25:7.5" --model "teacher1=$W/run-$n/export/model_ema:1:1" \
-    --cache-dir "$W/cache" > "$W/eval-$n-videos.log" 2>&1 &
+    --cache-dir "$CACHE" > "$W/eval-$n-videos.log" 2>&1 &
   python3 tools/evaluate.py --real "$W/heldout_images" --prompts-from-real "$NEVAL" --out "$W/eval-$n-images" \
-    --model "teacher25=$W/run-$n/export/model_ema:25:7.5" --cache-dir "$W/cache" > "$W/eval-$n-images.log" 2>&1 &
+    --model "teacher25=$W/run-$n/export/model_ema:25:7.5" --cache-dir "$CACHE" > "$W/eval-$n-images.log" 2>&1 &
 done
 wait
 say "evaluated"
