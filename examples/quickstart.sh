@@ -73,7 +73,8 @@ python tools/generate.py --model "$G" --prompts-file "$RUN/prompts.txt" --resolu
 
 say "8/8 training curves (losses, logit gap, aR1, gradient norms, throughput, memory) and the evaluation report"
 python tools/plot_run.py "$RUN/cd" "$RUN/apt_image" "$RUN/apt_image_no_r1" "$RUN/apt_video"
-python tools/evaluate.py --quickstart "$RUN" --diffusion "$DIFF" --num $NEVAL --out "$RUN/report"
+python tools/evaluate.py --quickstart "$RUN" --diffusion "$DIFF" --num $NEVAL --out "$RUN/report" \
+  --model "shipped_apt1=$ROOT/examples/toy/apt_generator:1"
 
 END=$(date +%s)
 say "done in $(( END - START )) s"

@@ -75,7 +75,8 @@ def parse_args(argv=None):
                         "does on COCO)")
     p.add_argument("--fig5", nargs=2, metavar=("WITH_R1", "WITHOUT_R1"),
                    help="two APT run folders (or metrics.jsonl files) for the aR1 ablation plot (paper Fig. 5)")
-    p.add_argument("--quickstart", metavar="RUN", help="evaluate everything examples/quickstart.sh wrote in RUN")
+    p.add_argument("--quickstart", metavar="RUN", help="evaluate everything examples/quickstart.sh wrote in RUN "
+                   "(and any --model beside it)")
     p.add_argument("--diffusion", help="with --quickstart: the diffusion model the run started from")
     p.add_argument("--num", type=int, help="with --quickstart: prompts per set (same as --prompts-from-real)")
     p.add_argument("--cache-dir", help="where the toy classifier is cached (default: RUN/eval_cache with "
@@ -335,10 +336,13 @@ def main(argv=None) -> int:
     try:
         out = Path(a.out)
         if a.quickstart:
-            if a.real or a.model:
-                raise ValueError("--quickstart picks the data and models itself: drop --real / --model")
+            if a.real:
+                raise ValueError("--quickstart picks the data itself: drop --real")
             n = a.num or a.prompts_from_real
             sets, fig5, notes = quickstart_plan(a)
+            # --model with --quickstart: models to score beside the run's own (e.g. the shipped generator)
+            extra = [parse_model_spec(m) for m in a.model]
+            sets = [(name, real, specs + extra) for name, real, specs in sets]
             cache_dir = Path(a.cache_dir) if a.cache_dir else Path(a.quickstart) / "eval_cache"
             if not sets:
                 raise FileNotFoundError(f"nothing to evaluate in {a.quickstart}: " + "; ".join(notes))

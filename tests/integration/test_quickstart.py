@@ -32,6 +32,9 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "## Training curves" in report and "](plots/training_apt_video/logit_gap.png)" in report
     for link in [x.split("](", 1)[1].rstrip(")") for x in report.splitlines() if x.startswith("![")]:
         assert (run / "report" / link).is_file(), link  # every embedded image exists
+    # the report scores the shipped one-step generator beside the run's own models
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    assert "shipped_apt1" in json.dumps(metrics) and "shipped_apt1" in report
     for stage in ("cd", "apt_image", "apt_image_no_r1", "apt_video"):
         lines = (run / stage / "metrics.jsonl").read_text().splitlines()
         assert lines and all(json.loads(x)["finite"] for x in lines), stage
