@@ -33,6 +33,29 @@ def apply_activation_checkpointing(blocks) -> int:
     return n
 
 
+# How many compiled variants one block's forward may keep. An APT step runs the same block code (one code
+# object shared by every block of G and D) in several legitimate configurations, each compiled once: with and
+# without grad (G forward-only in D's update), D trainable and frozen (its parameters' requires_grad is
+# switched off for G's update), real inputs and inputs that need a gradient (D on G's samples), the fused
+# [real, perturbed, fake] batch and the plain one, and the last block (context-pre-only, a different
+# modulation width). That is more than dynamo's default of 8, after which it silently runs the block in
+# eager mode for the rest of the run; 64 bounds the same runaway it guards against.
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def compile_block(block: nn.Module) -> None:
+    """torch.compile one block, with room for the variants an APT step needs (COMPILE_RECOMPILE_LIMIT)."""
+    import inspect
+
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # per function (recent torch)
+        block.compile(recompile_limit=COMPILE_RECOMPILE_LIMIT)
+        return
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    block.compile()
+
+
 def check_heads(num_heads: int, dims: ParallelDims) -> None:
     if num_heads % (dims.tp * dims.sp):
         raise ValueError(
@@ -91,7 +114,7 @@ def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *, act
         applied.append(f"activation checkpointing ({n} blocks)")
     if compile:
         for block in blocks:
-            block.compile()
+            compile_block(block)
         applied.append("torch.compile per block")
     model._apt_parallel_dims = dims
     log.info("parallelize %s: %s", type(model).__name__, "; ".join(applied) if applied else "nothing (single rank)")

@@ -96,11 +96,21 @@ def run_train_stage(stage: str, args: argparse.Namespace, device: torch.device) 
     last: dict[str, float] = {}
     step_no = iter(range(10**9))
 
+    from torch._dynamo.utils import counters
+
+    graphs_at_timing: list[int] = []
+
     def timed_step():
-        last.update(method.train_step(next(step_no), mbs))
+        i = next(step_no)
+        if i == args.warmup:  # the first timed step: every compile after this one is a steady-state recompile
+            graphs_at_timing.append(counters["stats"]["unique_graphs"])
+        last.update(method.train_step(i, mbs))
 
     mem_reset(device)
     times = time_fn(timed_step, args.warmup, args.iters, device)
+    recompiles = counters["stats"]["unique_graphs"] - graphs_at_timing[0] if graphs_at_timing else None
+    # dynamo gives up on a function past its recompile limit and runs it eagerly from then on
+    limit_hit = any("recompile limit" in str(k).lower() for k in counters["unimplemented"])
     s = summary(times)
     peak = mem_peak_gib(device)
     losses = {k: float(v) for k, v in last.items() if k.endswith("loss") or k == "ar1"}
@@ -118,7 +128,8 @@ def run_train_stage(stage: str, args: argparse.Namespace, device: torch.device) 
         "peak_tflops_datasheet": rep["peak_tflops_datasheet"], "peak_source": rep["peak_source"],
         "peak_tflops_measured": rep["peak_tflops_measured"],
         "peak_mem_gib": peak, "resident_after_build_gib": resident_gib,
-        "params": params, "losses": losses, "losses_finite": all(math.isfinite(v) for v in losses.values()),
+        "params": params, "losses": losses, "graphs_compiled_while_timed": recompiles,
+        "recompile_limit_hit": limit_hit, "losses_finite": all(math.isfinite(v) for v in losses.values()),
         "optimizer": optimizer, "precision": PRECISION[precision],
         "config": {"preset": args.preset, "latent": shapes["latent"], "n_visual_tokens": Lx, "text_len": L,
                    "text_valid": args.text_valid, "micro_batch": B, "activation_checkpointing": ac,
@@ -151,3 +162,7 @@ def print_train(res: dict[str, Any]) -> None:
               f"({r['peak_source']}), {r['mfu_measured']:.1%} of measured {r['peak_tflops_measured']:.0f}")
         print(f"  peak memory {r['peak_mem_gib']:.2f} GiB  losses {r['losses']}"
               + ("" if r["losses_finite"] else "  (non-finite: random weights in bf16; timing is unaffected)"))
+        if c["compile"]:
+            print(f"  graphs compiled during the timed steps (steady-state recompiles): "
+                  f"{r['graphs_compiled_while_timed']}"
+                  + ("; dynamo hit its recompile limit: some blocks ran eagerly" if r["recompile_limit_hit"] else ""))

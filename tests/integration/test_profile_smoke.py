@@ -207,3 +207,16 @@ def test_video_to_latent_paper_shape():
     assert args.preset == "2b" and args.stages == ["apt", "flow", "cd"] and args.text_len == 512
     shapes = mod_shapes.resolve_shapes(args, get_model_config(args.preset))
     assert shapes["latent"] == [16, 13, 90, 160] and shapes["n_visual_tokens"] == 46800 and shapes["frames"] == 49
+
+
+def test_compiled_apt_step_stays_compiled(tmp_path):
+    """An APT step runs each block in several configurations (grad / no grad, D trainable / frozen, the fused
+    D batch, the last block); each must compile once, within the recompile limit, so that no block falls back
+    to eager and nothing recompiles once the step has run."""
+    out = tmp_path / "compiled.json"
+    res = load(run_tool("--smoke", "--mode", "train", "--stage", "apt", "--compile", "--warmup", "1", "--iters", "2",
+                        "--dtype", "fp32", "--json", out, timeout=900), out)
+    r = res["stages"]["apt"]
+    assert r["config"]["compile"] is True
+    assert r["recompile_limit_hit"] is False
+    assert r["graphs_compiled_while_timed"] == 0
