@@ -6,19 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.fixtures import FAKE_EVAL_NETS
 from tests.helpers.ranks import run_distributed
 
 pytestmark = pytest.mark.distributed
-
-NETS = (
-    "import torch\n"
-    "def feats():\n    return lambda x: torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1)\n"
-    "class Clip:\n"
-    "    def encode_image(self, images):\n"
-    "        return torch.tensor([[float(i.mean()), 1.0] for i in images])\n"
-    "    def encode_text(self, texts):\n"
-    "        return torch.tensor([[1.0, float(len(t))] for t in texts])\n"
-    "def clip():\n    return Clip()\n")
 
 
 def _evaluate(rank, world, args):
@@ -58,7 +49,7 @@ def test_two_ranks_equal_one(tmp_path):
                                                   max_digits=1, seed=0))
     save_mmdit(build_mmdit("toy", seed=3), tmp_path / "gen", kind="generator")
     save_mmdit(build_mmdit("toy", seed=4), tmp_path / "diff", kind="diffusion")
-    (tmp_path / "nets.py").write_text(NETS)
+    (tmp_path / "nets.py").write_text(FAKE_EVAL_NETS)
     args = ["--real", tmp_path / "real", "--prompts-from-real", "6", "--batch-size", "2", "--cache-dir",
             tmp_path / "cache", "--model", f"g={tmp_path / 'gen'}:1", "--model", f"d={tmp_path / 'diff'}:2:2.0",
             "--fid-features", f"{tmp_path / 'nets.py'}:feats", "--fid-input-range", "unit",

@@ -8,6 +8,8 @@
 * :func:`coded_frames` / :func:`read_code`: frames that carry their own index as a block pattern
   that survives lossy compression, to check frame-rate resampling.
 * :func:`make_bad_inputs`: a folder of good and broken inputs with the reject reason expected for each.
+* :data:`FAKE_EVAL_NETS`: the source of a module with tiny stand-ins for the evaluator's FID feature network
+  and CLIP model (``feats()``, ``clip()``), for ``tools/evaluate.py --fid-features / --clip``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+FAKE_EVAL_NETS = (
+    "import torch\n"
+    "def feats():\n    return lambda x: torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1)\n"
+    "class Clip:\n"
+    "    def encode_image(self, images):\n"
+    "        return torch.tensor([[float(i.mean()), 1.0] for i in images])\n"
+    "    def encode_text(self, texts):\n"
+    "        return torch.tensor([[1.0, float(len(t))] for t in texts])\n"
+    "def clip():\n    return Clip()\n")
 
 SENTENCES = [
     f"the digit {d} moving {m}" for d in range(10) for m in ("left", "right", "up", "down")

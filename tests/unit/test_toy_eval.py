@@ -12,6 +12,7 @@ import torch
 from megatron_apt.metrics import real_eval as re_
 from megatron_apt.metrics import report as rp
 from megatron_apt.metrics import toy_eval as te
+from tests.helpers.fixtures import FAKE_EVAL_NETS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -398,15 +399,7 @@ def test_evaluate_cli_real_metrics_with_local_networks(tmp_path, capsys):
                                                   images=True, seed=3))
     save_mmdit(build_mmdit("toy"), tmp_path / "gen", kind="generator")
     nets = tmp_path / "nets.py"
-    nets.write_text(
-        "import torch\n"
-        "def feats():\n    return lambda x: torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1)\n"
-        "class Clip:\n"
-        "    def encode_image(self, images):\n"
-        "        return torch.tensor([[float(i.mean()), 1.0] for i in images])\n"
-        "    def encode_text(self, texts):\n"
-        "        return torch.tensor([[1.0, float(len(t))] for t in texts])\n"
-        "def clip():\n    return Clip()\n")
+    nets.write_text(FAKE_EVAL_NETS)
     tool = _load_tool()
     out = tmp_path / "eval"
     rc = tool.main(["--real", str(tmp_path / "imgs"), "--prompts-from-real", "4", "--out", str(out),
