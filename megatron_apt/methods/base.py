@@ -10,6 +10,7 @@ micro-step that must still run (ZeRO-3 gathers parameters collectively) else 1.0
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -49,7 +50,7 @@ def bcast(t):
     return t.view(-1, 1, 1, 1, 1)
 
 
-class Method:
+class Method(abc.ABC):
     name = "base"
 
     def __init__(self, ctx: MethodContext):
@@ -82,11 +83,13 @@ class Method:
         return {"loss": self.ctx.global_mean(sums.get("loss", 0.0), sums.get("n", 0.0)), "grad_norm": gnorm}
 
     # ---- what the trainer asks of a method ----
+    @abc.abstractmethod
     def engines(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The engines this method trains, by name (their checkpoints and exports are named so)."""
 
+    @abc.abstractmethod
     def train_step(self, step: int, micro_batches: list[dict]) -> dict[str, float]:
-        raise NotImplementedError
+        """One update on the step's micro-batches; returns its losses and metrics."""
 
     def model_flops(self, x_shape, text_len: int) -> float:
         return float("nan")
