@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     from megatron_apt.metrics.plots import plot_compare, plot_run
 
     if a.compare:
+        if a.out:
+            print("error: --compare writes the one file it names; drop --out", file=sys.stderr)
+            return 2
         runs = {}
         for r in a.runs:
             label, sep, path = r.partition("=")

@@ -88,3 +88,5 @@ def test_compare_puts_runs_side_by_side(tmp_path, capsys):
     assert "none of the runs logged any of d_loss" in capsys.readouterr().err
     assert tool.main(["--compare", str(tmp_path / "x.png"), str(a)]) == 2
     assert "LABEL=RUN_DIR" in capsys.readouterr().err
+    assert tool.main(["--compare", str(tmp_path / "x.png"), "--out", str(tmp_path), f"a={a}"]) == 2
+    assert "drop --out" in capsys.readouterr().err
