@@ -44,7 +44,7 @@ for stage in "$@"; do
       wait
       for f in videos images heldout_videos heldout_images; do [ -f "$W/$f.json" ] || { echo "data set $f was not written" >&2; exit 1; }; done ;;
     cd)
-      train cd toy_cd data.path="$W/videos,$W/images" model.init="$TEACHER" steps="${CD_STEPS:-1500}" \
+      train cd toy_cd data.path="$W/videos,$W/images" model.init="$TEACHER" steps="${CD_STEPS:-1000}" \
         global_batch="${CD_BATCH:-256}" micro_batch="${CD_BATCH:-256}" save_every=250 ;;
     apt_image+no_r1)  # both image runs at once (a toy model leaves most of the GPU idle)
       bash "$0" "$W" "$TEACHER" apt_image & a=$!
@@ -57,8 +57,8 @@ for stage in "$@"; do
         "${extra[@]}" ;;
     apt_video)
       train apt_video toy_apt_video data.path="$W/videos" model.init="$W/apt_image/export/generator_ema" \
-        model.teacher="$TEACHER" steps="${VID_STEPS:-300}" global_batch="${VID_BATCH:-256}" \
-        micro_batch="${VID_BATCH:-256}" save_every=50 ;;
+        model.teacher="$TEACHER" steps="${VID_STEPS:-300}" global_batch="${VID_BATCH:-64}" \
+        micro_batch="${VID_BATCH:-64}" save_every=50 ;;
     eval)
       models=(--model "diffusion25=$TEACHER:25:7.5" --model "diffusion1=$TEACHER:1:1" --model "cd1=$W/cd/export/model_ema:1"
               --model "apt_image1=$W/apt_image/export/generator_ema:1")
