@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pretrains toy diffusion teachers (flow matching) on one GPU within a wall-clock budget, then scores each
-# with tools/evaluate.py (25 Euler steps, CFG 7.5) on held-out toy data. Several variants train at once on
-# the one GPU (a toy model leaves most of it idle). examples/toy/README.md reports what it measured.
+# with tools/evaluate.py (25 Euler steps, CFG 7.5 at every step and only for t in the guidance interval GI) on
+# held-out toy data. Several variants train at once on the one GPU (a toy model leaves most of it idle).
+# examples/toy/README.md reports what it measured.
 #
 #   bash benchmarks/gpu_toy_teacher.sh OUT [BUDGET_S] ["name: overrides" ...]
 #   e.g. bash benchmarks/gpu_toy_teacher.sh out 420 "toy:" 'wide: model.overrides={"hidden_size":192,"num_heads":6}'
@@ -14,6 +15,7 @@ set -euo pipefail
 OUT="${1:?output folder}"; BUDGET="${2:-420}"; shift $(( $# >= 2 ? 2 : $# ))
 [ $# -gt 0 ] || set -- "toy:"
 W="${WORK:-/tmp/toy_teacher}"; NUM="${NUM:-60000}"; NEVAL="${NEVAL:-256}"; CACHE="${CACHE:-$W/cache}"
+GI="${GI:-0-0.5}"  # the guidance interval of the second 25-step row (docs/toy_reproduction.md)
 mkdir -p "$W" "$OUT"
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
@@ -58,10 +60,11 @@ say "trained"
 for i in "${!names[@]}"; do
   n=${names[$i]}
   python3 tools/evaluate.py --real "$W/heldout_videos" --prompts-from-real "$NEVAL" --out "$W/eval-$n-videos" \
-    --model "teacher25=$W/run-$n/export/model_ema:25:7.5" --model "teacher1=$W/run-$n/export/model_ema:1:1" \
-    --cache-dir "$CACHE" > "$W/eval-$n-videos.log" 2>&1 &
+    --model "teacher25=$W/run-$n/export/model_ema:25:7.5" --model "teacher25_gi=$W/run-$n/export/model_ema:25:7.5:$GI" \
+    --model "teacher1=$W/run-$n/export/model_ema:1:1" --cache-dir "$CACHE" > "$W/eval-$n-videos.log" 2>&1 &
   python3 tools/evaluate.py --real "$W/heldout_images" --prompts-from-real "$NEVAL" --out "$W/eval-$n-images" \
-    --model "teacher25=$W/run-$n/export/model_ema:25:7.5" --cache-dir "$CACHE" > "$W/eval-$n-images.log" 2>&1 &
+    --model "teacher25=$W/run-$n/export/model_ema:25:7.5" --model "teacher25_gi=$W/run-$n/export/model_ema:25:7.5:$GI" \
+    --cache-dir "$CACHE" > "$W/eval-$n-images.log" 2>&1 &
 done
 wait
 say "evaluated"

@@ -15,8 +15,8 @@ plots (the aR1 ablation of the paper's Fig. 5 with --fig5).
     # batches; rank 0 gathers them and writes the report, identical to one process's
     torchrun --nproc_per_node 8 tools/evaluate.py --quickstart RUN --diffusion DIFF --num 48 --out RUN/report
 
---model is NAME=DIR[:steps[:cfg]]; without steps a generator/consistency model takes 1 step and a
-diffusion model 25 steps with CFG 7.5. Every model gets the same prompts (the captions of the first N
+--model is NAME=DIR[:steps[:cfg[:LO-HI]]]; without steps a generator/consistency model takes 1 step and a
+diffusion model 25 steps with CFG 7.5; LO-HI applies the guidance only at the steps whose t is in (LO, HI]. Every model gets the same prompts (the captions of the first N
 real samples) and the same noise. The real samples after those N form the reference set (when there
 are at least 2N; otherwise all real samples are the reference and the "real" row is not held out).
 
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--real", help="real data: a preprocessed pixel data set prefix, or a raw folder (toy: "
                                    "mp4/png + .txt captions, metadata.jsonl); with --no-toy-metrics also a "
                                    "CSV/JSONL of path,caption of any sizes (give --resolution/--frames)")
-    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR[:steps[:cfg]]",
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR[:steps[:cfg[:LO-HI]]]",
                    help="a model to evaluate (repeatable)")
     p.add_argument("--prompts-from-real", type=int, default=48, metavar="N",
                    help="generate one sample per caption of the first N real samples")
@@ -164,7 +164,7 @@ def generate_models(a, specs, label, prompts, frames, h, w, device, dtype, featu
                 dst.extend(by_batch[b] for b in sorted(by_batch))
         secs_per_sample = sum(part["secs"] for part in parts) / max(1, len(prompts))
         out[spec.name] = (videos, secs_per_sample, merged)
-        log(f"{label}: {spec.name} ({spec.steps} steps, cfg {spec.cfg:g}): {len(prompts)} samples in "
+        log(f"{label}: {spec.name} ({spec.steps} steps, cfg {spec.cfg_label()}): {len(prompts)} samples in "
             f"{time.perf_counter() - t0:.1f} s" + (f" on {world} ranks" if world > 1 else ""))
     return out
 
@@ -248,13 +248,15 @@ def evaluate_set(a, real_spec: str, specs, label: str, cache_dir: Path, n: int, 
     for spec in specs:
         videos, secs, acc = generated[spec.name]
         m = {"path": spec.path, "kind": spec.kind, "steps": spec.steps, "cfg": spec.cfg, "seconds_per_sample": secs}
+        if spec.guidance_interval is not None:
+            m["guidance_interval"] = list(spec.guidance_interval)
         if evaluator is not None:
             m.update(te.public(evaluator.score(te.VideoSet(videos, prompts), seed=a.seed)))
         if acc is not None:
             m.update(acc.result(reference))
         metrics["models"][spec.name] = m
         grids[f"{spec.name} ({spec.kind}, {spec.steps} step{'s' if spec.steps > 1 else ''}"
-              f"{f', cfg {spec.cfg:g}' if spec.cfg != 1 else ''})"] = videos[:8]
+              f"{f', cfg {spec.cfg_label()}' if spec.cfg != 1 else ''})"] = videos[:8]
         shown = ", ".join(f"{k} {m[k]:.3g}" for k in ("fd", "text_acc", "motion_acc", "fid", "pfid", "clip_score")
                           if m.get(k) is not None)
         if shown:
@@ -348,7 +350,7 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"nothing to evaluate in {a.quickstart}: " + "; ".join(notes))
         else:
             if not a.model and not a.fig5:
-                raise ValueError("give at least one --model NAME=DIR[:steps[:cfg]] (or --fig5 for the ablation only)")
+                raise ValueError("give at least one --model NAME=DIR[:steps[:cfg[:LO-HI]]] (or --fig5 for the ablation only)")
             if a.model and not a.real:
                 raise ValueError("--real is required with --model (or use --quickstart RUN)")
             n = a.num or a.prompts_from_real

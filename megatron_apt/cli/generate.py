@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (diffusion baseline)")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of classifier-free guidance "
                    "(the fixed negative prompt the model was distilled with); empty = the null text")
+    p.add_argument("--guidance-interval", default=None, metavar="LO-HI",
+                   help="apply --cfg only at the steps whose t is in (LO, HI], e.g. 0-0.5 (default: every step)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift of multi-step diffusion sampling "
                    "(default: the one the model was trained with, recorded in its directory)")
     p.add_argument("--timesteps", default=None, help="comma-separated timesteps from 1 to 0 (overrides --steps), "
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
     from megatron_apt.inference.grid import save_grid
     from megatron_apt.inference.pipeline import Generator, Timings
     from megatron_apt.inference.video import write_mp4
+    from megatron_apt.models.conditioning import parse_guidance_interval
 
     try:
         if a.prompts_file:
@@ -126,6 +129,11 @@ def main(argv=None) -> int:
                         compile=compile_, shift=a.shift)
         if a.cfg != 1.0 and gen.kind != "diffusion":
             raise ValueError(f"--cfg {a.cfg:g}: a {gen.kind} model samples without classifier-free guidance")
+        interval = None
+        if a.guidance_interval is not None:
+            if a.cfg == 1.0:
+                raise ValueError("--guidance-interval needs --cfg other than 1 (there is no guidance to limit)")
+            interval = parse_guidance_interval(a.guidance_interval)
         frames = a.frames
         if frames is None:
             frames = max(1, round(a.seconds * a.fps))
@@ -154,7 +162,8 @@ def main(argv=None) -> int:
         for seed in sorted({s for _, s in chunk}):
             ps = [p for p, s in chunk if s == seed]
             v = gen.generate(ps, frames=frames, height=h, width=w, seed=seed + i, steps=a.steps, cfg_scale=a.cfg,
-                             tile_vae=tile, timings=timings, negative_prompt=a.negative_prompt, timesteps=timesteps)
+                             tile_vae=tile, timings=timings, negative_prompt=a.negative_prompt, timesteps=timesteps,
+                             guidance_interval=interval)
             for p, vid in zip(ps, v):
                 videos.append(vid.cpu())
                 names.append((p, seed))
@@ -168,7 +177,7 @@ def main(argv=None) -> int:
                 save_grid(vid[None], out / f"{stem}.png", scale=a.grid_scale)
         save_grid(torch.stack(videos), out / "grid.png", scale=a.grid_scale)
         rec = {"model": a.model, "steps": a.steps, "cfg": a.cfg, "negative_prompt": a.negative_prompt,
-               "timesteps": timesteps, "shift": gen.shift, "samples": len(videos), "frames": frames,
+               "guidance_interval": interval, "timesteps": timesteps, "shift": gen.shift, "samples": len(videos), "frames": frames,
                "resolution": [w, h], "text_s": timings.text, "dit_s": timings.dit, "vae_s": timings.vae,
                "total_s": timings.total, "device": str(device), "dtype": str(dtype)}
         (out / "timings.json").write_text(json.dumps(rec, indent=2) + "\n")

@@ -176,6 +176,10 @@ class FlowSection:
 class CDSection:
     cfg_scale: float = 7.5
     """Constant classifier-free guidance of the teacher (paper: 7.5)."""
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """[lo, hi]: the teacher's guidance applies where t_n is in (lo, hi], its conditional velocity alone elsewhere.
+    The paper's guidance is constant over t: [0, 1]. A pixel-space toy teacher saturates under CFG 7.5 at high
+    noise; limiting the interval (docs/toy_reproduction.md) keeps the scale and drops those steps."""
     num_steps: int = 25
     """Discrete timesteps of the consistency distillation grid."""
     ema_decay: float = 0.95
@@ -328,6 +332,9 @@ class TrainConfig:
             ("cd.num_steps", c.num_steps, c.num_steps >= 1, ">= 1"),
             ("cd.ema_decay", c.ema_decay, 0 <= c.ema_decay < 1, "in [0, 1)"),
             ("cd.shift", c.shift, c.shift > 0, "> 0"),
+            ("cd.guidance_interval", c.guidance_interval,
+             len(c.guidance_interval) == 2 and 0 <= c.guidance_interval[0] < c.guidance_interval[1] <= 1,
+             "[lo, hi] with 0 <= lo < hi <= 1"),
         ]
         for key, value, ok, want in rules:
             if not ok:

@@ -187,30 +187,32 @@ class Generator:
 
     @torch.no_grad()
     def sample_latents(self, z, text, mask, steps: int = 1, cfg_scale: float = 1.0, timesteps=None,
-                       negative=None, generator: torch.Generator | None = None):
+                       negative=None, generator: torch.Generator | None = None, guidance_interval=None):
         """Diffusion models: Euler steps from t = 1 to 0, with classifier-free guidance (cfg_scale > 1)
-        against `negative` (an encoded negative prompt: features [1, L, D], mask [1, L]) or the null text.
+        against `negative` (an encoded negative prompt: features [1, L, D], mask [1, L]) or the null text, at
+        the steps whose t lies in `guidance_interval` (lo, hi] (None: every step, the paper's constant CFG).
         Generator and consistency models: x0 prediction and re-noising at each step (1 step = the one-step
         generator; `timesteps` [1, t, 0] sets the two-step's intermediate t)."""
         from megatron_apt.inference.sampling import euler, renoise
-        from megatron_apt.models.conditioning import cfg_text_batch
+        from megatron_apt.models.conditioning import FULL_INTERVAL, cfg_text_batch, check_guidance_interval
 
         ts = timesteps if timesteps is not None else self.timesteps(steps, z.shape)
         if self.kind in ("generator", "consistency"):
-            if cfg_scale != 1.0:
+            if cfg_scale != 1.0 or guidance_interval is not None:
                 raise ValueError(f"a {self.kind} model samples without classifier-free guidance (cfg 1)")
             return renoise(lambda x, t: self.velocity(x, t, text, mask), z, ts, generator)
         if cfg_scale != 1.0:
             text2, mask2 = cfg_text_batch(text, mask, negative)
             n = text.shape[0]
             return euler(lambda x, t: self.velocity(x, t, text2[:n], mask2[:n]), z, ts, cfg_scale,
-                         lambda x, t: self.velocity(x, t, text2[n:], mask2[n:]))
+                         lambda x, t: self.velocity(x, t, text2[n:], mask2[n:]),
+                         check_guidance_interval(guidance_interval or FULL_INTERVAL))
         return euler(lambda x, t: self.velocity(x, t, text, mask), z, ts)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, frames: int, height: int, width: int, seed: int = 0, steps: int = 1,
                  cfg_scale: float = 1.0, tile_vae: bool = False, timings: Timings | None = None,
-                 negative_prompt: str = "", timesteps=None):
+                 negative_prompt: str = "", timesteps=None, guidance_interval=None):
         t0 = time.perf_counter()
         text, mask = self.text(prompts)
         negative = self.text([negative_prompt]) if negative_prompt and cfg_scale != 1.0 else None
@@ -220,7 +222,7 @@ class Generator:
         g = torch.Generator().manual_seed(seed)
         z = torch.randn((len(prompts), *shape), generator=g).to(self.device, self.dtype)
         lat = self.sample_latents(z, text, mask, steps=steps, cfg_scale=cfg_scale, timesteps=timesteps,
-                                  negative=negative, generator=g)
+                                  negative=negative, generator=g, guidance_interval=guidance_interval)
         _sync(self.device)
         t2 = time.perf_counter()
         video = self.vae.decode(lat, tile=tile_vae) if self.vae is not None else lat

@@ -1,7 +1,8 @@
 """Samplers over a velocity model v(x, t) (flow matching: x_t = (1 - t) x0 + t eps, v = eps - x0, x0 = x_t - t v).
 
 * `euler`: the diffusion model's ODE, t_0 = 1 > ... > t_N = 0, optionally with classifier-free guidance
-  against an unconditional text (the null text or an encoded negative prompt).
+  against an unconditional text (the null text or an encoded negative prompt), at every step or only at the
+  steps whose t lies in a guidance interval.
 * `renoise`: few-step sampling of a one-step model (the APT generator, or a consistency model): at each t_k
   the model's sample prediction x0 = x - t_k v(x, t_k) (for the generator at t = 1 this is exactly
   G(z) = z - G-hat(z, T), Eq. 5), re-noised with fresh noise to t_{k+1}: x = (1 - t_{k+1}) x0 + t_{k+1} eps.
@@ -15,6 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from megatron_apt.models.conditioning import FULL_INTERVAL, guided_velocity
+
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 
 
@@ -26,17 +29,18 @@ def check_timesteps(timesteps: Sequence[float]) -> list[float]:
 
 
 def euler(velocity: Velocity, z: torch.Tensor, timesteps: Sequence[float], cfg_scale: float = 1.0,
-          uncond_velocity: Velocity | None = None) -> torch.Tensor:
-    """Euler steps of dx/dt = v from t = 1 to 0; cfg_scale != 1 mixes v_u + s (v_c - v_u)."""
+          uncond_velocity: Velocity | None = None, guidance_interval=FULL_INTERVAL) -> torch.Tensor:
+    """Euler steps of dx/dt = v from t = 1 to 0; cfg_scale != 1 mixes v_u + s (v_c - v_u) at the steps whose t
+    lies in guidance_interval (lo, hi] (the unconditional pass is skipped at the others)."""
     x = z
     ts = check_timesteps(timesteps)
+    if cfg_scale != 1.0 and uncond_velocity is None:
+        raise ValueError("classifier-free guidance needs the unconditional velocity")
+    lo, hi = guidance_interval
     for a, b in zip(ts, ts[1:]):
         v = velocity(x, a)
-        if cfg_scale != 1.0:
-            if uncond_velocity is None:
-                raise ValueError("classifier-free guidance needs the unconditional velocity")
-            vu = uncond_velocity(x, a)
-            v = vu + cfg_scale * (v - vu)
+        if cfg_scale != 1.0 and lo < a <= hi:
+            v = guided_velocity(v, uncond_velocity(x, a), cfg_scale, a, guidance_interval)
         x = x + (b - a) * v
     return x
 

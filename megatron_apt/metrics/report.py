@@ -147,6 +147,13 @@ def _pm_pct(v: Any, s: Any) -> str:
     return f"{100 * v:.1f}% ± {100 * s:.1f}"
 
 
+def cfg_label(cfg, interval=None) -> str:
+    """A guidance scale as shown in reports: '7.5', or '7.5 in (0, 0.5]' when it was applied only on a guidance
+    interval of t."""
+    text = str(cfg)
+    return text if not interval else f"{text} in ({interval[0]:g}, {interval[1]:g}]"
+
+
 def metrics_table(metrics: dict[str, Any]) -> str:
     """Markdown table: the real held-out row (the floor) then each model; columns without numbers are left out."""
     real = metrics.get("real") or {}
@@ -163,7 +170,7 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     columns = [
         ("kind", None, lambda m: str(m.get("kind", ""))),
         ("steps", None, lambda m: str(m.get("steps", ""))),
-        ("cfg", None, lambda m: str(m.get("cfg", ""))),
+        ("cfg", None, lambda m: cfg_label(m.get("cfg", ""), m.get("guidance_interval"))),
         ("FD video ↓", "fd", lambda m: _pm(m.get("fd"), m.get("fd_std"))),
         ("FD frames ↓", "fd_frames", lambda m: _pm(m.get("fd_frames"), m.get("fd_frames_std"))),
         ("text acc ↑", "text_acc", lambda m: _pm_pct(m.get("text_acc"), m.get("text_se"))),

@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_apt.metrics.real_eval import frechet_distance, gaussian_stats
+from megatron_apt.metrics.report import cfg_label
 
 DIRECTIONS = ("left", "right", "up", "down")
 NONE_CLASS = 10
@@ -648,6 +649,11 @@ class ModelSpec:
     steps: int
     cfg: float
     kind: str = ""
+    guidance_interval: tuple[float, float] | None = None
+
+    def cfg_label(self) -> str:
+        """The guidance as shown in logs: '7.5', or '7.5 in (0, 0.5]' with a guidance interval."""
+        return cfg_label(f"{self.cfg:g}", self.guidance_interval)
 
 
 def _number(s: str) -> bool:
@@ -659,13 +665,19 @@ def _number(s: str) -> bool:
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """``NAME=DIR[:steps[:cfg]]``. Without steps: 1 for generator/consistency models, 25 with CFG 7.5 for
-    diffusion models (the paper's baseline). The model kind is read from DIR/config.json."""
+    """``NAME=DIR[:steps[:cfg[:LO-HI]]]``. Without steps: 1 for generator/consistency models, 25 with CFG 7.5 for
+    diffusion models (the paper's baseline). LO-HI limits the guidance to the steps whose t is in (LO, HI]
+    (default: every step). The model kind is read from DIR/config.json."""
     from megatron_apt.checkpoint.model_dir import read_model_dir
+    from megatron_apt.models.conditioning import parse_guidance_interval
 
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
-        raise ValueError(f"--model {text!r}: expected NAME=DIR[:steps[:cfg]]")
+        raise ValueError(f"--model {text!r}: expected NAME=DIR[:steps[:cfg[:LO-HI]]]")
+    interval = None
+    head, colon, tail = rest.rpartition(":")
+    if colon and head and re.fullmatch(r"[0-9.]+-[0-9.]+", tail):
+        interval, rest = parse_guidance_interval(tail), head
     nums: list[str] = []
     while len(nums) < 2:
         head, colon, tail = rest.rpartition(":")
@@ -674,6 +686,8 @@ def parse_model_spec(text: str) -> ModelSpec:
             rest = head
         else:
             break
+    if interval is not None and len(nums) < 2:
+        raise ValueError(f"--model {text!r}: a guidance interval comes after steps and cfg (DIR:25:7.5:0-0.5)")
     meta, _ = read_model_dir(rest)
     kind = meta.get("kind", "")
     if kind not in ("generator", "consistency", "diffusion"):
@@ -684,7 +698,9 @@ def parse_model_spec(text: str) -> ModelSpec:
     cfg = float(nums[1]) if len(nums) > 1 else (7.5 if kind == "diffusion" and not nums else 1.0)
     if steps < 1:
         raise ValueError(f"--model {text!r}: steps must be >= 1")
-    return ModelSpec(name, rest, steps, cfg, kind)
+    if interval is not None and (kind != "diffusion" or cfg == 1.0):
+        raise ValueError(f"--model {text!r}: a guidance interval needs a diffusion model with cfg other than 1")
+    return ModelSpec(name, rest, steps, cfg, kind, interval)
 
 
 def generate_batches(spec: ModelSpec, prompts: Sequence[str], frames: int, height: int, width: int, *,
@@ -708,7 +724,8 @@ def generate_batches(spec: ModelSpec, prompts: Sequence[str], frames: int, heigh
         batch = list(prompts[i:i + batch_size])
         t0 = time.perf_counter()
         v = gen.generate(batch, frames=frames, height=height, width=width, seed=seed + b, steps=spec.steps,
-                         cfg_scale=spec.cfg, negative_prompt=negative_prompt).cpu()
+                         cfg_scale=spec.cfg, negative_prompt=negative_prompt,
+                         guidance_interval=spec.guidance_interval).cpu()
         spent += time.perf_counter() - t0
         if on_batch is not None:
             on_batch(v, batch)

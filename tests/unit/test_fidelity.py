@@ -148,13 +148,14 @@ def test_two_step_renoises_the_first_prediction_by_hand():
 
 
 # ---- consistency distillation (§3.2) through the trainer ------------------------------------------------
-def _cd_worker(rank, world, base, run, negative):
+def _cd_worker(rank, world, base, run, negative, interval=None):
     from megatron_apt.models.text_encoder import TokenEmbedder
     from megatron_apt.models.text_encoder import ByteTokenizer
     from megatron_apt.trainer.trainer import Trainer
 
     cfg = load_config(None, SMALL + ["stage=cd", f"model.init={base}/diff", f"run_dir={run}", "cd.num_steps=4",
-                                     "cd.shift=1", f"cd.negative_prompt={negative}"])
+                                     "cd.shift=1", f"cd.negative_prompt={negative}"]
+                      + ([f"cd.guidance_interval={interval}"] if interval else []))
     tr = Trainer(cfg)
     st = tr.method
     out = {}
@@ -176,7 +177,10 @@ def _cd_worker(rank, world, base, run, negative):
             vu = st.teacher.module(xt, tn, nt, st.negative[1].expand(2, -1))
         else:
             vu = st.teacher.module(xt, tn, torch.zeros_like(text), torch.zeros_like(mask))
-        v = vu + 7.5 * (vc - vu)
+        # a guidance interval (lo, hi]: guided where lo < t_n <= hi, the conditional velocity elsewhere
+        lo, hi = interval or (0.0, 1.0)
+        scale = torch.where((tn > lo) & (tn <= hi), 7.5, 1.0).view(-1, 1, 1, 1, 1)
+        v = vu + scale * (vc - vu)
         xp = xt + (tp - tn).view(-1, 1, 1, 1, 1) * v
         ema = build_mmdit("debug", zero_init=False, seed=1)  # the target starts as the student's init
         out["hand"] = xp - tp.view(-1, 1, 1, 1, 1) * ema(xp, tp, text, mask)
@@ -207,6 +211,16 @@ def test_cd_target_uses_the_negative_prompt_and_a_cfg_euler_step(models, tmp_pat
     torch.testing.assert_close(null["target"], null["hand"], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(neg["target"], null["target"], atol=1e-4)  # the prompt changes the target
     assert neg["ema_err"] < 1e-6 and null["ema_err"] < 1e-6
+
+
+@pytest.mark.distributed
+def test_cd_guidance_interval_guides_only_inside_it(models, tmp_path):
+    # t_n = 0.75 lies in (0.6, 1], t_n = 0.5 does not: one sample guided, one conditional only
+    part = run_distributed(_cd_worker, 1, str(models), str(tmp_path / "i"), "", [0.6, 1.0])[0]
+    full = run_distributed(_cd_worker, 1, str(models), str(tmp_path / "f"), "")[0]
+    torch.testing.assert_close(part["target"], part["hand"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(part["target"][0], full["target"][0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(part["target"][1], full["target"][1], atol=1e-4)
 
 
 def _apt_worker(rank, world, base, run, init, teacher):

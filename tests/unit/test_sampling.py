@@ -1,4 +1,5 @@
-"""Multi-step sampling uses the timestep shift the model was trained with (recorded at export)."""
+"""Multi-step sampling uses the timestep shift the model was trained with (recorded at export), and limits
+classifier-free guidance to a guidance interval when one is given."""
 
 import math
 
@@ -49,3 +50,41 @@ def test_resolution_dependent_shift_and_old_directories(tmp_path):
 def test_one_step_generators_are_not_shifted(tmp_path):
     g = Generator(_model(tmp_path, "g", kind="generator", training={"stage": "apt_video"}))
     assert g.timesteps(2, (1, 4, 1, 8, 8)) == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    from megatron_apt.inference.sampling import euler
+
+    calls = []
+
+    def vc(x, t):
+        return torch.full_like(x, 1.0) * t
+
+    def vu(x, t):
+        calls.append(t)
+        return torch.zeros_like(x)
+
+    z = torch.zeros(2, 3)
+    ts = [1.0, 0.75, 0.5, 0.25, 0.0]
+    # by hand: dx = (b - a) v with v = 4 t inside (0, 0.5] and v = t outside
+    got = euler(vc, z, ts, 4.0, vu, (0.0, 0.5))
+    want = sum((b - a) * (4 * a if 0 < a <= 0.5 else a) for a, b in zip(ts, ts[1:]))
+    torch.testing.assert_close(got, torch.full_like(z, want))
+    assert calls == [0.5, 0.25]  # the unconditional pass runs only inside the interval
+    full = euler(vc, z, ts, 4.0, vu)
+    torch.testing.assert_close(full, torch.full_like(z, sum((b - a) * 4 * a for a, b in zip(ts, ts[1:]))))
+
+
+def test_guided_velocity_per_sample_and_bad_intervals():
+    from megatron_apt.models.conditioning import check_guidance_interval, guided_velocity, parse_guidance_interval
+
+    vc, vu = torch.ones(3, 2), torch.zeros(3, 2)
+    t = torch.tensor([0.9, 0.5, 0.1])
+    out = guided_velocity(vc, vu, 7.5, t, (0.2, 0.9))
+    assert out[:, 0].tolist() == [7.5, 7.5, 1.0]
+    assert parse_guidance_interval("0-0.5") == (0.0, 0.5)
+    for bad in ("0.5-0.2", "0-1.5", "0.5", "a-b"):
+        with pytest.raises(ValueError, match="guidance interval"):
+            parse_guidance_interval(bad)
+    with pytest.raises(ValueError, match="0 <= lo < hi <= 1"):
+        check_guidance_interval((0.3, 0.3))

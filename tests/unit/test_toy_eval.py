@@ -272,6 +272,15 @@ def test_captions_and_model_specs(tmp_path):
     assert (s.name, s.steps, s.cfg, s.kind, s.path) == ("g", 2, 3.5, "generator", str(tmp_path / "g"))
     with pytest.raises(ValueError, match="NAME=DIR"):
         te.parse_model_spec(str(tmp_path / "g"))
+    s = te.parse_model_spec(f"t={tmp_path / 'd'}:25:7.5:0-0.5")
+    assert (s.steps, s.cfg, s.guidance_interval, s.path) == (25, 7.5, (0.0, 0.5), str(tmp_path / "d"))
+    assert s.cfg_label() == "7.5 in (0, 0.5]"
+    with pytest.raises(ValueError, match="after steps and cfg"):
+        te.parse_model_spec(f"t={tmp_path / 'd'}:0-0.5")
+    with pytest.raises(ValueError, match="needs a diffusion model"):
+        te.parse_model_spec(f"g={tmp_path / 'g'}:1:1:0-0.5")
+    with pytest.raises(ValueError, match="0 <= lo < hi <= 1"):
+        te.parse_model_spec(f"t={tmp_path / 'd'}:25:7.5:0.6-0.5")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,6 +26,10 @@ def test_unknown_keys_and_bad_values_are_named():
         load_config(None, ["data.synthetic=true", "optim.lrr=1"])
     with pytest.raises(ValueError, match="cannot parse optim.lr"):
         load_config(None, ["data.synthetic=true", "optim.lr=fast"])
+    with pytest.raises(ValueError, match=r"cd.guidance_interval must be \[lo, hi\]"):
+        load_config(None, ["data.synthetic=true", "stage=cd", "cd.guidance_interval=[0.5,0.2]"])
+    assert load_config(None, ["data.synthetic=true", "stage=cd", "cd.guidance_interval=[0,0.5]"]
+                       ).cd.guidance_interval == [0.0, 0.5]
     with pytest.raises(ValueError, match="unknown stage"):
         load_config(None, ["data.synthetic=true", "stage=gan"])
     with pytest.raises(ValueError, match="data.path is required"):
