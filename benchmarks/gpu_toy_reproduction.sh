@@ -11,7 +11,7 @@
 #   apt_image_no_r1  the same without approximated R1 (the paper: D loss -> 0, G collapses)
 #   apt_video        APT video stage: G from the image stage's EMA, D again from the teacher (300 updates)
 #   eval             tools/evaluate.py on held-out videos and images: diffusion 25 steps (CFG 7.5 at every step,
-#                    and only for t in the guidance interval GI, default 0-0.5) and 1 step,
+#                    and only for t in the guidance interval GI, default 0-0.6) and 1 step,
 #                    CD 1 step, APT image 1 step, APT video 1 and 2 steps (zero-shot), the ablation
 #   pack             PACK=DIR: logs, metrics, evaluation reports in DIR/results.tgz, the APT video EMA generator
 #                    in DIR/apt_generator.tar
@@ -61,7 +61,7 @@ for stage in "$@"; do
         model.teacher="$TEACHER" steps="${VID_STEPS:-300}" global_batch="${VID_BATCH:-64}" \
         micro_batch="${VID_BATCH:-64}" save_every=50 ;;
     eval)
-      models=(--model "diffusion25=$TEACHER:25:7.5" --model "diffusion25_gi=$TEACHER:25:7.5:${GI:-0-0.5}"
+      models=(--model "diffusion25=$TEACHER:25:7.5" --model "diffusion25_gi=$TEACHER:25:7.5:${GI:-0-0.6}"
               --model "diffusion1=$TEACHER:1:1" --model "cd1=$W/cd/export/model_ema:1"
               --model "apt_image1=$W/apt_image/export/generator_ema:1")
       [ -d "$W/apt_image_no_r1/export/generator_ema" ] && models+=(--model "apt_image_no_r1=$W/apt_image_no_r1/export/generator_ema:1")

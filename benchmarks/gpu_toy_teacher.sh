@@ -15,7 +15,7 @@ set -euo pipefail
 OUT="${1:?output folder}"; BUDGET="${2:-420}"; shift $(( $# >= 2 ? 2 : $# ))
 [ $# -gt 0 ] || set -- "toy:"
 W="${WORK:-/tmp/toy_teacher}"; NUM="${NUM:-60000}"; NEVAL="${NEVAL:-256}"; CACHE="${CACHE:-$W/cache}"
-GI="${GI:-0-0.5}"  # the guidance interval of the second 25-step row (docs/toy_reproduction.md)
+GI="${GI:-0-0.6}"  # the guidance interval of the second 25-step row (docs/toy_reproduction.md)
 mkdir -p "$W" "$OUT"
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
