@@ -264,6 +264,17 @@ def evaluate_set(a, real_spec: str, specs, label: str, cache_dir: Path, n: int, 
     return metrics, grids
 
 
+def cd_guidance_interval(config_yaml: Path):
+    """The guidance interval a consistency distillation run used (its resolved config.yaml), or None when it
+    guided at every step (or the file is missing)."""
+    import yaml
+
+    if not config_yaml.is_file():
+        return None
+    gi = ((yaml.safe_load(config_yaml.read_text()) or {}).get("cd") or {}).get("guidance_interval")
+    return None if not gi or [float(v) for v in gi] == [0.0, 1.0] else (float(gi[0]), float(gi[1]))
+
+
 def quickstart_plan(a):
     """The sets, models and ablation runs of a quickstart run folder (missing pieces are skipped)."""
     from megatron_apt.data import indexed
@@ -290,12 +301,16 @@ def quickstart_plan(a):
         return None
 
     cd = run / "cd" / "export" / "model_ema"
+    teacher = [spec("diffusion25", diff, 25, 7.5)]
+    interval = cd_guidance_interval(run / "cd" / "config.yaml")
+    if interval is not None:  # the teacher also as consistency distillation saw it
+        teacher.append(spec("diffusion25_gi", diff, 25, f"7.5:{interval[0]:g}-{interval[1]:g}"))
     sets = []
     rv = real("videos", "raw_videos")
     if rv:
         g = run / "apt_video" / "export" / "generator_ema"
-        sets.append(("videos", rv, [s for s in (spec("diffusion25", diff, 25, 7.5), spec("cd1", cd, 1),
-                                                spec("apt1", g, 1), spec("apt2", g, 2)) if s]))
+        sets.append(("videos", rv, [s for s in (*teacher, spec("cd1", cd, 1), spec("apt1", g, 1), spec("apt2", g, 2))
+                                    if s]))
     ri = real("images", "raw_images")
     if ri:
         sets.append(("images", ri, [s for s in (spec("diffusion25", diff, 25, 7.5), spec("cd1", cd, 1),

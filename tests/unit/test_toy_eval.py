@@ -439,23 +439,33 @@ def _read(classifier, spec, prompts, digits, frames):
 
 def test_shipped_teacher_draws_the_prompted_digit(classifier):
     """25 Euler steps at CFG 7.5 (the paper's teacher setting) on image prompts: most are read as their digit
-    (72.7% on 256 held-out prompts)."""
-    spec = te.parse_model_spec(f"teacher={ROOT / 'examples' / 'toy' / 'diffusion'}:25:7.5")
+    (91.4% on 256 held-out prompts); on video prompts with the guidance limited to t <= 0.6, most frames are
+    read as the prompted digit (79.0%) and the digit moves the prompted way."""
+    teacher = ROOT / "examples" / "toy" / "diffusion"
     digits = [i % 10 for i in range(40)]
-    _, text = _read(classifier, spec, [f"the digit {d}" for d in digits], digits, 1)
-    assert text["text_acc"] >= 0.6, text
+    _, text = _read(classifier, te.parse_model_spec(f"teacher={teacher}:25:7.5"), [f"the digit {d}" for d in digits],
+                    digits, 1)
+    assert text["text_acc"] >= 0.8, text
+    digits = [i % 10 for i in range(20)]
+    dirs = [DIRS[i % 4] for i in range(20)]
+    videos, vtext = _read(classifier, te.parse_model_spec(f"teacher={teacher}:25:7.5:0-0.6"),
+                          [f"the digit {d} moving {m}" for d, m in zip(digits, dirs)], digits, 8)
+    assert vtext["text_acc"] >= 0.6, vtext
+    assert te.motion_alignment(videos, dirs)["motion_acc"] >= 0.9
 
 
 def test_shipped_apt_generator_draws_moving_digits_in_one_step(classifier):
     """One step of the shipped APT video generator: every video shows a digit-like shape (not the empty or
-    saturated frames the classifier calls 'no digit') moving the prompted way; the zero-shot second step
-    makes it read as the prompted digit more often (§3.5; 18.6% -> 32.3% on 256 held-out prompts)."""
+    saturated frames the classifier calls 'no digit') moving the prompted way, read as the prompted digit far
+    above chance (10%); the zero-shot second step makes it read as the prompted digit in most frames (§3.5;
+    36.3% -> 65.6% on 256 held-out prompts)."""
     path = ROOT / "examples" / "toy" / "apt_generator"
     digits = [i % 10 for i in range(40)]
     prompts = [f"the digit {d} moving {DIRS[(i // 10) % 4]}" for i, d in enumerate(digits)]
     videos, one = _read(classifier, te.parse_model_spec(f"apt1={path}"), prompts, digits, 8)
     assert one["none_rate"] <= 0.1, one
+    assert one["text_acc"] >= 0.25, one
     motion = te.motion_alignment(videos, [DIRS[(i // 10) % 4] for i in range(40)])
     assert motion["motion_acc"] >= 0.9, motion
     _, two = _read(classifier, te.parse_model_spec(f"apt2={path}:2"), prompts, digits, 8)
-    assert two["text_acc"] > one["text_acc"] + 0.05, (one, two)
+    assert two["text_acc"] >= 0.5 and two["text_acc"] > one["text_acc"] + 0.1, (one, two)
