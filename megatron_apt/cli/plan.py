@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, default=None, help="default: the paper's (9062 images, 2048 videos)")
     p.add_argument("--steps", type=int, default=None, help="updates, for the total time (default: the paper's)")
     p.add_argument("--no-activation-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-scope", choices=["block", "mlp"], default=None,
+                   help="what activation checkpointing recomputes: whole blocks, or only their MLPs (selective)")
     p.add_argument("--engine", choices=["deepspeed", "torch", "pipeline"], default=None)
     p.add_argument("--optimizer", choices=["rmsprop", "adam", "adamw"], default=None)
     p.add_argument("--sample", choices=["image", "video"], default=None,
@@ -103,6 +105,8 @@ def make_request(a: argparse.Namespace) -> P.PlanRequest:
         kw["pipeline_layers"] = tuple(int(n) for n in a.pipeline_layers.split(","))
     if a.no_activation_checkpointing:
         kw["activation_checkpointing"] = False
+    elif a.checkpoint_scope is not None:
+        kw["activation_checkpointing"] = a.checkpoint_scope
     req = dataclasses.replace(req, world=a.gpus, gpu_mem_gib=a.gpu_mem_gib, gpus_per_node=a.gpus_per_node,
                               tflops=a.tflops, inter_node_gbps=a.inter_node_gbps,
                               intra_node_gbps=a.intra_node_gbps, **kw)

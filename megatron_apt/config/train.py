@@ -25,6 +25,20 @@ STAGES = ("flow", "cd", "apt_image", "apt_video")
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "flash_attn", "efficient", "math")
 
 
+# What activation checkpointing recomputes (parallel.checkpoint_scope): whole blocks, or only their MLPs.
+CHECKPOINT_SCOPES = ("block", "mlp")
+
+
+def checkpointing(enabled, scope: str = "block"):
+    """The one value the parallel layer, the FLOP counts and the planner take: False (off), 'block' or 'mlp'.
+    `enabled` is parallel.activation_checkpointing (a bool, or already a scope), `scope` parallel.checkpoint_scope."""
+    if not enabled:
+        return False
+    scope = enabled if isinstance(enabled, str) else scope
+    if scope not in CHECKPOINT_SCOPES:
+        raise ValueError(f"activation checkpointing scope must be one of {', '.join(CHECKPOINT_SCOPES)}, got {scope!r}")
+    return scope
+
 # a field and its docstring per option, as in every config dataclass here: their lines look alike by design
 @dataclass
 class ModelSection:
@@ -95,7 +109,11 @@ class ParallelSection:
     controls (micro-batch, accumulation, train_batch_size, precision, ZeRO stage, clipping, optimizer) may only
     restate its values. --dry-run prints the merged JSON."""
     activation_checkpointing: bool = True
-    """Recompute each block in the backward pass."""
+    """Recompute activations in the backward pass instead of keeping them (see checkpoint_scope)."""
+    checkpoint_scope: str = "block"
+    """What activation checkpointing recomputes: 'block' (every transformer block whole: the least memory) or
+    'mlp' (selective: only each block's MLPs; attention outputs are kept, so the attention kernel, the costly
+    part at long sequences, is not run twice)."""
     compile: bool = False
     """torch.compile each block."""
 
@@ -306,6 +324,8 @@ class TrainConfig:
             ("parallel.pipeline_layers", p.pipeline_layers,
              p.pipeline_layers is None or (len(p.pipeline_layers) > 0 and min(p.pipeline_layers) >= 1),
              "block counts >= 1"),
+            ("parallel.checkpoint_scope", p.checkpoint_scope, p.checkpoint_scope in CHECKPOINT_SCOPES,
+             " or ".join(repr(v) for v in CHECKPOINT_SCOPES)),
             ("parallel.zero_stage", p.zero_stage, p.zero_stage in (0, 1, 2, 3), "0, 1, 2 or 3"),
             ("parallel.zero_persistence_threshold", p.zero_persistence_threshold, p.zero_persistence_threshold >= 0,
              ">= 0"),

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_apt.config.model import DiscriminatorConfig, MMDiTConfig, get_model_config
+from megatron_apt.config.train import checkpointing
 
 # ------------------------------------------------------------------------------------------------------
 # peak figures
@@ -273,6 +274,17 @@ def _blocks_fwd(ops):
     return sum(o.forward for o in ops if o.in_blocks)
 
 
+def _recomputed_fwd(ops, activation_checkpointing) -> int:
+    """Forward FLOPs run again in the backward pass: every block's (scope 'block', or True), only the blocks'
+    MLPs ('mlp'), none (False)."""
+    scope = checkpointing(activation_checkpointing)
+    if not scope:
+        return 0
+    if scope == "mlp":
+        return sum(o.forward for o in ops if o.in_blocks and "_mlp." in o.name)
+    return _blocks_fwd(ops)
+
+
 def mmdit_forward_flops(cfg, batch: int, n_visual: int, n_text: int, upto_layer: int | None = None,
                         *, breakdown: bool = False):
     """FLOPs of one MMDiT forward; with breakdown a dict {embed, blocks (linear), attention, head, total}."""
@@ -330,15 +342,15 @@ def _finish(parts: dict[str, int], recompute: int, unit: int) -> StepFlops:
 
 
 def flow_matching_step_flops(cfg, batch: int, n_visual: int, n_text: int, *,
-                             activation_checkpointing: bool = True) -> StepFlops:
+                             activation_checkpointing: bool | str = True) -> StepFlops:
     """Flow-matching pre-training: one forward and one backward (about 3 forwards)."""
     ops = mmdit_ops(cfg, batch, n_visual, n_text, weights_grad=True)
     parts = {"forward": _fwd(ops), "backward": _bwd(ops)}
-    return _finish(parts, _blocks_fwd(ops) if activation_checkpointing else 0, _fwd(ops))
+    return _finish(parts, _recomputed_fwd(ops, activation_checkpointing), _fwd(ops))
 
 
 def apt_step_flops(cfg, batch: int, n_visual: int, n_text: int, dcfg: DiscriminatorConfig | None = None, *,
-                   use_r1: bool = True, activation_checkpointing: bool = True) -> StepFlops:
+                   use_r1: bool = True, activation_checkpointing: bool | str = True) -> StepFlops:
     """One generator update plus one discriminator update on a micro-batch of `batch` samples:
 
     G step: G forward + backward (~3 F_G), D forward on the fakes and backward to its input with D frozen
@@ -360,14 +372,13 @@ def apt_step_flops(cfg, batch: int, n_visual: int, n_text: int, dcfg: Discrimina
         f"d_step.D_forward_x{n_d}": _fwd(d_train),
         f"d_step.D_backward_x{n_d}": _bwd(d_train),
     }
-    recompute = 0
-    if activation_checkpointing:  # every pass that keeps a graph recomputes its blocks
-        recompute = _blocks_fwd(g) + _blocks_fwd(d_frozen) + _blocks_fwd(d_train)
+    # every pass that keeps a graph recomputes its blocks (or their MLPs)
+    recompute = sum(_recomputed_fwd(ops, activation_checkpointing) for ops in (g, d_frozen, d_train))
     return _finish(parts, recompute, g_fwd)
 
 
 def consistency_step_flops(cfg, batch: int, n_visual: int, n_text: int, *, guidance: bool = True,
-                           ema_target: bool = True, activation_checkpointing: bool = True) -> StepFlops:
+                           ema_target: bool = True, activation_checkpointing: bool | str = True) -> StepFlops:
     """Discrete-time consistency distillation: student forward + backward, the teacher's Euler step under
     classifier-free guidance (a conditional and an unconditional forward), the EMA target's forward."""
     s = mmdit_ops(cfg, batch, n_visual, n_text, weights_grad=True)
@@ -376,7 +387,7 @@ def consistency_step_flops(cfg, batch: int, n_visual: int, n_text: int, *, guida
              "teacher_forward_" + ("cond_uncond" if guidance else "cond"): f * (2 if guidance else 1)}
     if ema_target:
         parts["ema_target_forward"] = f
-    return _finish(parts, _blocks_fwd(s) if activation_checkpointing else 0, f)
+    return _finish(parts, _recomputed_fwd(s, activation_checkpointing), f)
 
 
 STAGES = {"flow": flow_matching_step_flops, "apt": apt_step_flops, "cd": consistency_step_flops}

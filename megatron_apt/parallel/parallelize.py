@@ -64,14 +64,18 @@ def check_heads(num_heads: int, dims: ParallelDims) -> None:
         )
 
 
-def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *, activation_checkpointing: bool = False,
-                      compile: bool = False, extra_blocks=()) -> nn.Module:
+def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *,
+                      activation_checkpointing: bool | str = False, compile: bool = False,
+                      extra_blocks=()) -> nn.Module:
     """Apply tensor parallel, Ulysses sequence parallel, activation checkpointing and torch.compile.
 
     `dims` defaults to the layout of the initialised process groups. Works for the MMDiT and for anything
     that holds one as `.backbone` (the APT discriminator, the generator); `extra_blocks` are further
-    modules to checkpoint. The model is changed in place and returned.
+    modules to checkpoint whole. `activation_checkpointing`: False, True or 'block' (recompute every block),
+    'mlp' (selective: recompute only the blocks' MLPs, keep the attention outputs). The model is changed in
+    place and returned.
     """
+    from megatron_apt.config.train import checkpointing
     from megatron_apt.models.mmdit import MMDiT
 
     dims = dims or current_dims()
@@ -109,7 +113,13 @@ def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *, act
             head.core = SPHeadAttentionCore(g)
         applied.append(f"sequence parallel {dims.sp} (Ulysses all-to-all, {len(backbone.blocks)} attention cores"
                        + (f", {len(heads)} discriminator heads with a cross-rank softmax)" if heads else ")"))
-    if activation_checkpointing:
+    scope = checkpointing(activation_checkpointing)
+    if scope == "mlp":
+        mlps = [m for b in blocks for m in (b.x_mlp, b.c_mlp) if m is not None]
+        n = apply_activation_checkpointing(mlps + list(extra_blocks))
+        applied.append(f"selective activation checkpointing ({len(mlps)} MLPs of {len(blocks)} blocks"
+                       + (f", {len(extra_blocks)} extra blocks whole)" if extra_blocks else ")"))
+    elif scope:
         n = apply_activation_checkpointing(blocks + list(extra_blocks))
         applied.append(f"activation checkpointing ({n} blocks)")
     if compile:

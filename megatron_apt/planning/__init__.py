@@ -44,7 +44,11 @@ teacher; flow: one model):
   - a forward without a graph (G in the discriminator update, the cd teacher and target) peaks at about
     `NOGRAD_REPLICATED` + `NOGRAD_TP` / tp = 3 + 8 / tp D per token for one block.
 
-  Without activation checkpointing every block keeps its full activations.
+  Without activation checkpointing every block keeps its full activations. With selective checkpointing
+  (`activation_checkpointing="mlp"`, the trainer's `parallel.checkpoint_scope=mlp`) every block keeps its full
+  activations except the MLP's 4 D hidden before and after GELU (`MLP_HIDDEN_TP` = 8 D / tp of `ACT_TP`),
+  which one MLP at a time recomputes; the recompute is the MLPs' forward FLOPs, and the tensor-parallel
+  all-reduce of each MLP output (no attention, no Ulysses all-to-all) runs again.
   Phases are planned separately (APT: the discriminator update, with D on the fused batch [real,
   perturbed real, fake] of 3 x micro-batch samples, and the generator update, with G and a frozen D both
   keeping graphs); the peak is the largest phase.

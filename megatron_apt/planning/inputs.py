@@ -50,6 +50,8 @@ TRANSIENT_REPLICATED = 3
 TRANSIENT_TP = 8
 NOGRAD_REPLICATED = 3
 NOGRAD_TP = 8
+MLP_HIDDEN_TP = 8
+"""Of ACT_TP: the MLP's 4 D hidden before and after GELU, which selective checkpointing ('mlp') recomputes."""
 OUTSIDE_BLOCKS = 4
 RESERVE_GIB = 2.0
 FRAGMENTATION = 0.10
@@ -144,7 +146,8 @@ class PlanRequest:
     """Samples per update, exactly (trainer.batching.plan_batch)."""
     steps: int | None = None
     """Updates, for the total time (None: no total)."""
-    activation_checkpointing: bool = True
+    activation_checkpointing: bool | str = True
+    """False, True (= 'block': every block recomputed) or 'mlp' (only the blocks' MLPs recomputed)."""
     precision: str = "bf16"
     """'bf16' (DeepSpeed bf16 or torch autocast) or 'fp32'."""
     engine: str = "deepspeed"

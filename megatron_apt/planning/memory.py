@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 
 from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.config.train import checkpointing
 from megatron_apt.planning.inputs import (
-    ACT_REPLICATED, ACT_TP, DS_MAX_LIVE_PARAMETERS, DS_REDUCE_BUCKET_SIZE, DS_SUB_GROUP_SIZE, GIB, NOGRAD_REPLICATED,
+    ACT_REPLICATED, ACT_TP, DS_MAX_LIVE_PARAMETERS, DS_REDUCE_BUCKET_SIZE, DS_SUB_GROUP_SIZE, GIB, MLP_HIDDEN_TP,
+    NOGRAD_REPLICATED,
     NOGRAD_TP, OPTIMIZER_STATE_NAMES, OPTIMIZER_STATES, OUTSIDE_BLOCKS, TRANSIENT_REPLICATED, TRANSIENT_TP,
     WORKING_SET_BLOCKS, Item, Memory, Phase, PlanRequest, Sample,
 )
@@ -16,6 +18,11 @@ from megatron_apt.planning.networks import NetCount
 
 def _act_bytes(req: PlanRequest) -> int:
     return 2 if req.precision == "bf16" else 4
+
+
+def _ckpt_desc(req: PlanRequest) -> str:
+    return {"block": "inputs of every block", "mlp": "every block's activations but its MLP hidden",
+            False: "every block's activations"}[checkpointing(req.activation_checkpointing)]
 
 
 def _deepest(nets_modules, cfg) -> int:
@@ -106,7 +113,11 @@ def _pass_activations(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, p: _Pa
     if not p.graph:
         return 0.0, 0.0, unit * (NOGRAD_REPLICATED + NOGRAD_TP / tp)
     trans = TRANSIENT_REPLICATED + TRANSIENT_TP / tp
-    if req.activation_checkpointing:
+    scope = checkpointing(req.activation_checkpointing)
+    if scope == "mlp":  # every block keeps all but its MLP hidden; one MLP at a time is recomputed
+        return (p.layers * unit * (full - MLP_HIDDEN_TP / tp), OUTSIDE_BLOCKS * unit,
+                unit * (MLP_HIDDEN_TP / tp + trans))
+    if scope:
         return p.layers * unit, OUTSIDE_BLOCKS * unit, unit * (full + trans)
     return p.layers * unit * full, OUTSIDE_BLOCKS * unit, unit * trans
 
@@ -159,7 +170,7 @@ def plan_memory(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, nets: dict[s
             stored += s
             outside += o
             work.append((w, p.name))
-        ckpt_desc = "inputs of every block" if req.activation_checkpointing else "every block's activations"
+        ckpt_desc = _ckpt_desc(req)
         items.append(Item("activations: " + ckpt_desc, stored,
                           "; ".join(f"{p.name}: {p.layers} blocks x {micro * p.batch_factor} sample(s)"
                                     for p in passes if p.graph)))
@@ -224,7 +235,7 @@ def pipeline_memory(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, stage_ne
     n_states = OPTIMIZER_STATES[req.optimizer]
     state_desc = OPTIMIZER_STATE_NAMES[req.optimizer]
     tb = 2 if req.precision == "bf16" else 4
-    ckpt_desc = "inputs of every block" if req.activation_checkpointing else "every block's activations"
+    ckpt_desc = _ckpt_desc(req)
     out = []
     for s in range(pp):
         nets = stage_nets[s]

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 
 
+from megatron_apt.config.train import checkpointing
 from megatron_apt.trainer.batching import BatchPlan
 from megatron_apt.planning.inputs import GIB, OVERHEAD, Plan
 
 
 def _n(count: int, word: str) -> str:
     return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def _ckpt(ac) -> str:
+    scope = checkpointing(ac)
+    return {"block": "on", "mlp": "on (MLPs only)", False: "off"}[scope]
 
 
 def _gib(b: float) -> str:
@@ -92,7 +98,7 @@ def format_plan(p: Plan) -> str:
     else:
         zero = "plain torch engine (no sharding)"
     L.append(f"  layout: {p.dims.describe()}; {zero}; micro-batch {r.micro_batch}; "
-             f"activation checkpointing {'on' if r.activation_checkpointing else 'off'}; {r.precision}")
+             f"activation checkpointing {_ckpt(r.activation_checkpointing)}; {r.precision}")
     L.append("  batch:  " + batch_lines(p.batch)[0])
     for line in batch_lines(p.batch)[1:]:
         L.append("          " + line)

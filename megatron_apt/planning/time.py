@@ -6,6 +6,7 @@ import re
 
 
 from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.config.train import checkpointing
 from megatron_apt.trainer.batching import BatchPlan
 from megatron_apt.planning.inputs import MEASURED_CONFIG, OVERHEAD, PlanRequest, Sample, StepTime
 from megatron_apt.planning.memory import _act_bytes, _packed_tokens, _Pass, pipeline_groups, stage_phases
@@ -17,6 +18,21 @@ from megatron_apt.planning.networks import NetCount
 # ------------------------------------------------------------------------------------------------------
 def _sum(ops, attr, blocks_only=False):
     return sum(getattr(o, attr) for o in ops if (o.in_blocks or not blocks_only))
+
+
+def _recomputed(ops, req: PlanRequest) -> float:
+    """Forward FLOPs of a graph-keeping pass run again in its backward (models.flops._recomputed_fwd)."""
+    from megatron_apt.models.flops import _recomputed_fwd
+
+    return _recomputed_fwd(ops, req.activation_checkpointing)
+
+
+def _comm_forwards(req: PlanRequest, p) -> tuple[float, float]:
+    """(TP all-reduce, Ulysses all-to-all) forward passes' worth of block communication of pass p: 1, plus the
+    recompute (a whole block again; with 'mlp' only the MLP's all-reduce, half of a block's, and no
+    all-to-all, which the attention alone does)."""
+    scope = checkpointing(req.activation_checkpointing) if p.graph else False
+    return 1 + {"block": 1.0, "mlp": 0.5, False: 0.0}[scope], 1 + (1.0 if scope == "block" else 0.0)
 
 
 def _pass_ops(cfg: MMDiTConfig, sample: Sample, p: _Pass, dcfg):
@@ -31,7 +47,7 @@ def _pass_ops(cfg: MMDiTConfig, sample: Sample, p: _Pass, dcfg):
 
 def _ops_flops(req: PlanRequest, ops, p: _Pass) -> tuple[float, float]:
     model = _sum(ops, "forward") + (_sum(ops, "backward") if p.graph else 0)
-    recompute = _sum(ops, "forward", True) if (p.graph and req.activation_checkpointing) else 0
+    recompute = _recomputed(ops, req) if p.graph else 0
     return float(model), float(recompute)
 
 
@@ -106,13 +122,13 @@ def plan_time(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, nets: dict[str
             # tensor parallel: all-reduces of [tokens, D] per block (forward 2 per stream, recompute 2, backward 4)
             # Ulysses: all-to-alls of q, k, v and the output per block (forward, recompute, backward)
             unit = s * p.batch_factor * tokens_rank * cfg.hidden_size * ab
-            n_fwd = 1 + (1 if p.graph and req.activation_checkpointing else 0)
+            n_fwd, n_fwd_a2a = _comm_forwards(req, p)
             t = 0.0
             if tp > 1:
                 n_ar = 2 * n_fwd + (4 if p.graph else 0)
                 t += p.layers * n_ar * unit * 2 * (tp - 1) / tp / (req.intra_node_gbps * 1e9)
             if sp > 1:
-                n_a2a = 4 * (n_fwd + (1 if p.graph else 0))
+                n_a2a = 4 * (n_fwd_a2a + (1 if p.graph else 0))
                 t += p.layers * n_a2a * unit / tp * (sp - 1) / sp / (req.intra_node_gbps * 1e9)
             c_tot += c
             x_tot += max(0.0, z - c)
@@ -161,7 +177,7 @@ def pipeline_time(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, stage_nets
             model_ps += 0.0 if p.extra else mdl
             # tensor parallel: all-reduces of [tokens, D] per block (forward 2 per stream, recompute 2, backward 4)
             unit = p.batch_factor * tokens * cfg.hidden_size * ab
-            n_fwd = 1 + (1 if p.graph and req.activation_checkpointing else 0)
+            n_fwd, _ = _comm_forwards(req, p)
             n_ar = 2 * n_fwd + (4 if p.graph else 0)
             per = []
             for s in range(pp):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 
+from megatron_apt.config.train import checkpointing
 from megatron_apt.models import flops as mf
 from megatron_apt.profiling.builders import build_backbone, random_text
 from megatron_apt.profiling.shapes import resolve_shapes
@@ -44,7 +45,7 @@ def run_train_stage(stage: str, args: argparse.Namespace, device: torch.device) 
     C, T, H, W = shapes["latent"]
     B, L = args.batch, args.text_len
     Lx = shapes["n_visual_tokens"]
-    ac = not args.no_activation_checkpointing
+    ac = checkpointing(not args.no_activation_checkpointing, getattr(args, "checkpoint_scope", "block"))
     precision = args.precision
     param_dtype = torch.float32 if precision == "autocast" else torch.bfloat16
     # the stage's own defaults (the paper's for APT), this micro-batch, this model; "random" marks the model

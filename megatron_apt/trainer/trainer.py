@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_apt.checkpoint.training import CheckpointStore
-from megatron_apt.config.train import TrainConfig, dump_config
+from megatron_apt.config.train import TrainConfig, checkpointing, dump_config
 from megatron_apt.parallel import ParallelDims, init_distributed, initialize_model_parallel, parallelize_mmdit
 from megatron_apt.parallel.comm import all_ranks_true
 from megatron_apt.trainer.batching import plan_batch
@@ -225,8 +225,11 @@ class Trainer:
         return self.parallelize(D, extra_blocks=list(D.heads))
 
     def parallelize(self, module, extra_blocks=()):
-        return parallelize_mmdit(module, self.dims, activation_checkpointing=self.cfg.parallel.activation_checkpointing,
-                                 compile=self.cfg.parallel.compile, extra_blocks=extra_blocks)
+        par = self.cfg.parallel
+        return parallelize_mmdit(module, self.dims,
+                                 activation_checkpointing=checkpointing(par.activation_checkpointing,
+                                                                        par.checkpoint_scope),
+                                 compile=par.compile, extra_blocks=extra_blocks)
 
     def make_engine(self, module, lr: float):
         from megatron_apt.trainer.engines import build_engine

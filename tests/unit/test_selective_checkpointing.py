@@ -1,0 +1,92 @@
+"""Selective activation checkpointing (parallel.checkpoint_scope=mlp): the same gradients as no checkpointing
+and as whole-block checkpointing; only the MLPs run twice; the tensors kept for backward lie between the two;
+the FLOP counts and the planner account for it."""
+
+import copy
+
+import pytest
+import torch
+
+from megatron_apt.config.train import checkpointing, load_config
+from megatron_apt.models import build_mmdit
+from megatron_apt.models import flops as mf
+from megatron_apt.models.mmdit import MLP, AttentionCore
+from megatron_apt.parallel.parallelize import parallelize_mmdit
+from megatron_apt.parallel.state import ParallelDims
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 4, 2, 8, 8, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 24, generator=g),
+            torch.ones(2, 5, dtype=torch.bool))
+
+
+def _run(model, scope):
+    """Gradients of one forward + backward, the calls of each MLP and attention core, and the bytes of the
+    distinct tensors autograd kept for the backward pass."""
+    m = copy.deepcopy(model)
+    if scope:
+        parallelize_mmdit(m, ParallelDims(), activation_checkpointing=scope)
+    calls = {"mlp": 0, "attention": 0}
+    for mod in m.modules():  # an MLP's first layer (a checkpointed module's recompute bypasses its own hooks)
+        if isinstance(mod, (MLP, AttentionCore)):
+            key = "mlp" if isinstance(mod, MLP) else "attention"
+            (mod.fc1 if key == "mlp" else mod).register_forward_hook(
+                lambda *_, k=key: calls.__setitem__(k, calls[k] + 1))
+    kept = {}
+
+    def pack(t):
+        kept[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    x, t, text, mask = _inputs()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = m(x, t, text, mask)
+    forward_calls = dict(calls)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    recomputed = {k: calls[k] - forward_calls[k] for k in calls}
+    return grads, recomputed, sum(kept.values())
+
+
+def test_mlp_scope_recomputes_only_the_mlps_with_the_same_gradients():
+    model = build_mmdit("debug", zero_init=False, seed=3)
+    n_blocks = len(model.blocks)
+    n_mlps = sum((b.x_mlp is not None) + (b.c_mlp is not None) for b in model.blocks)
+    none, rec_none, kept_none = _run(model, False)
+    block, rec_block, kept_block = _run(model, "block")
+    mlp, rec_mlp, kept_mlp = _run(model, "mlp")
+    assert rec_none == {"mlp": 0, "attention": 0}
+    assert rec_block == {"mlp": n_mlps, "attention": n_blocks}
+    assert rec_mlp == {"mlp": n_mlps, "attention": 0}  # attention outputs kept, not recomputed
+    assert none.keys() == block.keys() == mlp.keys()
+    for k in none:
+        torch.testing.assert_close(mlp[k], none[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(block[k], none[k], rtol=1e-5, atol=1e-6)
+    # what the backward keeps: whole-block checkpointing least, then MLP-only, then nothing recomputed
+    assert kept_block < kept_mlp < kept_none
+
+
+def test_scope_in_config_flops_and_planner():
+    with pytest.raises(ValueError, match="parallel.checkpoint_scope must be 'block' or 'mlp'"):
+        load_config(None, ["data.synthetic=true", "parallel.checkpoint_scope=attention"])
+    assert checkpointing(True) == "block" and checkpointing(True, "mlp") == "mlp" and checkpointing(False, "mlp") is False
+    # the recompute of 'mlp' is exactly the blocks' MLP forward FLOPs
+    cfg, B, Lx, Lt = "2b", 1, 4096, 512
+    ops = mf.mmdit_ops(cfg, B, Lx, Lt, weights_grad=True)
+    mlp_fwd = sum(o.forward for o in ops if "_mlp." in o.name)
+    assert mf.flow_matching_step_flops(cfg, B, Lx, Lt, activation_checkpointing="mlp").recompute == mlp_fwd
+    full = mf.flow_matching_step_flops(cfg, B, Lx, Lt, activation_checkpointing=True)
+    assert full.recompute > mlp_fwd and full.model == mf.flow_matching_step_flops(
+        cfg, B, Lx, Lt, activation_checkpointing="mlp").model
+    # the planner: activation memory and step time between no checkpointing and whole blocks
+    from megatron_apt.planning import PlanRequest, make_plan
+
+    plans = {ac: make_plan(PlanRequest(stage="apt_video", preset="2b", world=8, tp=1, sp=8, micro_batch=1,
+                                       global_batch=64, activation_checkpointing=ac))
+             for ac in (False, "block", "mlp")}
+    act = {k: sum(i.bytes for ph in p.memory.phases for i in ph.items if i.label.startswith("activations:"))
+           for k, p in plans.items()}
+    assert act["block"] < act["mlp"] < act[False]
+    t = {k: p.time.per_update_s for k, p in plans.items()}
+    assert t[False] < t["mlp"] < t["block"]
