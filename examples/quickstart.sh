@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default, end to end: toy data -> preprocessing -> (shipped) toy diffusion model ->
 # consistency distillation -> APT image stage -> APT video stage (+ the no-aR1 ablation) -> one-step
-# samples (mp4 + PNG grid) -> training curves and the evaluation report. Runs on CPU (2 cores: about 6
+# samples (mp4 + PNG grid) -> training curves and the evaluation report. Runs on CPU (2 cores: about 8
 # minutes after install); uses the GPU when there is one.
 #
 #   bash examples/quickstart.sh [RUN_DIR]
