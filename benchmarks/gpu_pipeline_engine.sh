@@ -1,46 +1,100 @@
 #!/usr/bin/env bash
-# The pipeline engine against the single-stage engines on GPU: the same APT image steps (random 2b weights,
-# synthetic 1024px latents: 4096 visual + 512 text tokens, global batch 4, micro-batch 1, bf16, activation
-# checkpointing) through `parallel.engine=torch`, `deepspeed` (ZeRO-3) and `pipeline` (pp = NGPU, megatron-core
-# schedule). Prints each run's mean step time over the steps after the first, its peak memory, and the
-# losses of the first step (the three engines must agree up to bf16 rounding).
-#   bash benchmarks/gpu_pipeline_engine.sh OUT_DIR            # one GPU: pipeline engine with pp=1
-#   NGPU=2 bash benchmarks/gpu_pipeline_engine.sh OUT_DIR     # two GPUs: pp=2 (and dp=2 for the others)
-#   ENGINES="torch pipeline" STEPS=12 bash benchmarks/gpu_pipeline_engine.sh OUT_DIR
-# Each run's checkpoint and export are deleted after it (2b G + D with optimizer state and EMA is ~40 GB); on
-# a small disk the final save of a run can fail after its steps, whose metrics are already written.
+# The real trainer (pretrain_apt.py) through each engine users run, side by side: the same APT image-stage
+# steps (random 2b weights, synthetic latents, bf16, activation checkpointing) through `parallel.engine=torch`,
+# `deepspeed` (ZeRO-3) and `pipeline` (pp = NGPU, megatron-core schedule), for each shape, next to the
+# profiler's prediction for the same shape (tools/profile_throughput.py --mode train, the same methods in a
+# bare loop). Prints, per shape and engine: the mean step time over the steps after the first, model TFLOP/s
+# and MFU (the trainer's own, of 989), peak memory, the first step's losses (the engines must agree up to bf16
+# rounding) and the ratio to the torch engine and to the profiler. The table goes to OUT/engines.md too.
+#
+#   bash benchmarks/gpu_pipeline_engine.sh OUT_DIR                 # both shapes, three engines, one GPU
+#   SHAPES="image" ENGINES="torch pipeline" STEPS=12 bash benchmarks/gpu_pipeline_engine.sh OUT_DIR
+#   NGPU=2 bash benchmarks/gpu_pipeline_engine.sh OUT_DIR          # two GPUs: pp=2 (dp=2 for the others)
+#   EXTRA="parallel.checkpoint_scope=mlp parallel.compile=true" bash benchmarks/gpu_pipeline_engine.sh OUT_DIR
+#
+# Shapes (SHAPES, a space-separated subset): image = 1024px, latent [16,1,128,128] (4096 visual + 512 text
+# tokens) at micro-batch IMAGE_MB (default 4), global batch 4 x IMAGE_MB; video = 2 s 720p, latent
+# [16,13,90,160] (46,800 visual tokens) at micro-batch 1, global batch 1. A finished (shape, engine) run is
+# skipped when the command is run again, so the table can be filled over several commands. IMAGE_LATENT and
+# VIDEO_LATENT replace the latents (a CPU smoke run: PRESET=debug IMAGE_LATENT=[4,1,8,8] VIDEO_LATENT=[4,2,8,8]). Each run's
+# checkpoint and export are deleted after it (2b G + D with optimizer state and EMA is ~40 GB).
 set -euo pipefail
 OUT="${1:?output folder}"; NGPU="${NGPU:-1}"; STEPS="${STEPS:-6}"; PRESET="${PRESET:-2b}"
-SHAPE="${SHAPE:-[16,1,128,128]}"; TEXT="${TEXT:-512}"; PREC="${PREC:-bf16}"
+TEXT="${TEXT:-512}"; PREC="${PREC:-bf16}"; IMAGE_MB="${IMAGE_MB:-4}"
 mkdir -p "$OUT"
-if [[ ! -f "$OUT/model/config.json" ]]; then
-  python3 -c "from megatron_apt.models import build_mmdit; from megatron_apt.checkpoint.model_dir import save_mmdit; save_mmdit(build_mmdit('$PRESET', zero_init=False, seed=1), '$OUT/model')"
+if [[ ! -f "$OUT/ghat/config.json" ]]; then  # one random backbone as the teacher (D's start) and as G-hat (G's)
+  python3 -c "from megatron_apt.models import build_mmdit; from megatron_apt.checkpoint.model_dir import save_mmdit
+m = build_mmdit('$PRESET', zero_init=False, seed=1)
+save_mmdit(m, '$OUT/teacher', kind='diffusion'); save_mmdit(m, '$OUT/ghat', kind='consistency')"
 fi
-COMMON=(stage=apt_image model.preset="$PRESET" "model.init=$OUT/model" "model.teacher=$OUT/model" data.synthetic=true
-        "data.synthetic_shape=$SHAPE" data.synthetic_text_len="$TEXT" data.synthetic_size=16 steps="$STEPS"
-        global_batch=4 micro_batch=1 precision="$PREC" parallel.activation_checkpointing=true log_every=1 save_every=0)
-for eng in ${ENGINES:-torch deepspeed pipeline}; do
-  extra=("parallel.engine=$eng")
-  [[ "$eng" == pipeline ]] && extra+=("parallel.pp=$NGPU")
-  rm -rf "$OUT/run_$eng"
-  torchrun --standalone --nproc_per_node "$NGPU" pretrain_apt.py "${COMMON[@]}" "${extra[@]}" "run_dir=$OUT/run_$eng" \
-    > "$OUT/log_$eng.txt" 2>&1 || { echo "$eng exited with an error:"; grep -v -i warn "$OUT/log_$eng.txt" | tail -3; }
-  rm -rf "$OUT/run_$eng/checkpoints" "$OUT/run_$eng/export"
+shape_args() {  # shape -> "latent micro global"
+  case "$1" in
+    image) echo "${IMAGE_LATENT:-[16,1,128,128]} $IMAGE_MB $(( 4 * IMAGE_MB ))" ;;
+    video) echo "${VIDEO_LATENT:-[16,13,90,160]} 1 1" ;;
+    *) echo "unknown shape $1 (image, video)" >&2; return 2 ;;
+  esac
+}
+for shape in ${SHAPES:-image video}; do
+  read -r latent mb gb <<< "$(shape_args "$shape")"
+  # the profiler's prediction: the same model, shape and micro-batch in a bare loop (one process, one GPU)
+  if [[ ! -f "$OUT/profile_$shape.json" ]]; then
+    lat="${latent//[\[\]]/}"; lat="${lat//,/x}"
+    python3 tools/profile_throughput.py --mode train --stage apt --preset "$PRESET" --latent "$lat" \
+      --text-len "$TEXT" --micro-batch "$mb" --warmup 1 --iters 3 --json "$OUT/profile_$shape.json" \
+      > "$OUT/profile_$shape.txt" 2>&1 || { echo "profiler ($shape) failed:"; tail -n 3 "$OUT/profile_$shape.txt"; }
+  fi
+  COMMON=(stage=apt_image model.preset="$PRESET" "model.init=$OUT/ghat" "model.teacher=$OUT/teacher" data.synthetic=true
+          "data.synthetic_shape=$latent" data.synthetic_text_len="$TEXT" data.synthetic_size=16 steps="$STEPS"
+          global_batch="$gb" micro_batch="$mb" precision="$PREC" parallel.activation_checkpointing=true log_every=1
+          save_every=0)
+  for eng in ${ENGINES:-torch deepspeed pipeline}; do
+    run="$OUT/run_${shape}_$eng"
+    [[ -f "$run/done" ]] && continue
+    extra=("parallel.engine=$eng")
+    [[ "$eng" == pipeline ]] && extra+=("parallel.pp=$NGPU")
+    rm -rf "$run"
+    # shellcheck disable=SC2086  # EXTRA is a list of overrides separated by spaces
+    torchrun --standalone --nproc_per_node "$NGPU" pretrain_apt.py "${COMMON[@]}" "${extra[@]}" ${EXTRA:-} \
+      "run_dir=$run" > "$OUT/log_${shape}_$eng.txt" 2>&1 || \
+      { echo "$shape/$eng exited with an error:"; grep -v -i warn "$OUT/log_${shape}_$eng.txt" | tail -3; }
+    rm -rf "$run/checkpoints" "$run/export"
+    [[ -f "$run/metrics.jsonl" ]] && touch "$run/done"
+  done
 done
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "${SHAPES:-image video}" <<'PY'
 import json, sys, pathlib
-out = pathlib.Path(sys.argv[1])
-rows = {}
-for eng in ("torch", "deepspeed", "pipeline"):
-    f = out / f"run_{eng}" / "metrics.jsonl"
-    if not f.is_file():
-        continue
-    recs = [json.loads(l) for l in f.read_text().splitlines()]
-    t = [r["step_time_s"] for r in recs[1:]]
-    rows[eng] = (sum(t) / len(t), max(r["peak_mem_gb"] for r in recs), recs[0])
-for eng, (t, mem, r0) in rows.items():
-    print(f"{eng:10s} step {t:7.2f} s  peak {mem:6.1f} GB  first step d_loss {r0['d_loss']:.5f} g_loss {r0['g_loss']:.5f} "
-          f"logit_gap {r0['logit_gap']:.5f}")
-if "torch" in rows and "pipeline" in rows:
-    print(f"pipeline / torch step time: {rows['pipeline'][0] / rows['torch'][0]:.3f}")
+out, shapes = pathlib.Path(sys.argv[1]), sys.argv[2].split()
+lines = ["| shape | engine | step s | model TFLOP/s | MFU | peak GiB | first d_loss | first g_loss | / torch | / profiler |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+for shape in shapes:
+    prof = None
+    pf = out / f"profile_{shape}.json"
+    if pf.is_file():
+        r = json.loads(pf.read_text())["stages"]["apt"]
+        prof = r["step_time_s"]
+        lines.append(f"| {shape} | profiler | {prof:.2f} | {r['model_tflops_per_s']:.3g} | {r['mfu_datasheet']:.1%} | "
+                     f"{r.get('peak_mem_gib', float('nan')):.1f} | {r['losses'].get('d_loss', float('nan')):.5f} | "
+                     f"{r['losses'].get('g_loss', float('nan')):.5f} | | |")
+    torch_t = None
+    for eng in ("torch", "deepspeed", "pipeline"):
+        f = out / f"run_{shape}_{eng}" / "metrics.jsonl"
+        if not f.is_file():
+            continue
+        recs = [json.loads(l) for l in f.read_text().splitlines()]
+        later = recs[1:] or recs
+        def mean(k):  # None where the trainer could not compute it (MFU on a CPU: no known peak)
+            vals = [r.get(k) for r in later]
+            return None if None in vals else sum(vals) / len(vals)
+
+        fmt = lambda v, spec: "–" if v is None else format(v, spec)
+        t = mean("step_time_s")
+        torch_t = t if eng == "torch" else torch_t
+        r0 = recs[0]
+        lines.append(f"| {shape} | {eng} | {t:.2f} | {fmt(mean('tflops'), '.3g')} | {fmt(mean('mfu'), '.1%')} | "
+                     f"{max(r['peak_mem_gb'] for r in recs):.1f} | {r0['d_loss']:.5f} | {r0['g_loss']:.5f} | "
+                     +
+                     (f"{t / torch_t:.2f}x | " if torch_t else "| ") + (f"{t / prof:.2f}x |" if prof else "|"))
+text = "\n".join(lines)
+print(text)
+(out / "engines.md").write_text(text + "\n")
 PY
