@@ -103,6 +103,11 @@ class ParallelSection:
     """DeepSpeed ZeRO stage for both engines."""
     zero_persistence_threshold: int = 100_000
     """Parameters smaller than this stay whole on every rank under ZeRO-3 (DeepSpeed's default)."""
+    zero3_leaf_blocks: bool = True
+    """Under ZeRO-3, gather each transformer block's parameters whole in one hook pair (DeepSpeed leaf modules)
+    instead of around each of its ~20 submodules. Applied to every network but the discriminator: DeepSpeed
+    reduces a leaf's gradients from a module backward hook, which also fires when the generator's update
+    back-propagates through the frozen D, and corrupts D's next gradient reduction."""
     deepspeed_config: str | None = None
     """A standard DeepSpeed JSON merged over the config the trainer builds for each engine (e.g.
     examples/ds_configs/zero3_bf16.json): ZeRO buckets, prefetching, offload, communication. Keys the trainer

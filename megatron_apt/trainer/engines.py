@@ -226,7 +226,7 @@ class DeepSpeedEngine(TorchEngine):
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, precision: str,
                  zero_stage: int, micro_batch: int, persistence_threshold: int = 100_000,
-                 user_config: dict | None = None, user_config_source: str = "the file"):
+                 user_config: dict | None = None, user_config_source: str = "the file", leaf_blocks: bool = False):
         import deepspeed
 
         from megatron_apt.trainer.ds_config import merged_config, trainer_ds_config
@@ -238,6 +238,15 @@ class DeepSpeedEngine(TorchEngine):
             dp = mpu.get_data_parallel_world_size() if dist.is_initialized() else 1
             ds_config = merged_config(ds_config, user_config, dp_size=dp, source=user_config_source)
         self.ds_config = ds_config
+        self.leaf_blocks = leaf_blocks and zero_stage == 3
+        if self.leaf_blocks:
+            # ZeRO-3 installs a gather/release hook pair on every module that holds parameters; as leaves, a
+            # block's parameters are gathered once for the whole block (parallel.zero3_leaf_blocks)
+            from deepspeed.utils import set_z3_leaf_modules
+
+            from megatron_apt.models.mmdit import MMDiTBlock
+
+            set_z3_leaf_modules(module, [MMDiTBlock])
         engine, opt, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                                  mpu=mpu, dist_init_required=False)
         self.engine = engine
@@ -463,7 +472,8 @@ def grad_norm(params) -> float:
 
 def build_engine(module: nn.Module, *, kind: str, optimizer: str, lr: float, alpha: float, eps: float,
                  weight_decay: float, betas, grad_clip: float, precision: str, zero_stage: int, micro_batch: int,
-                 persistence_threshold: int = 100_000, zero1: bool = True, deepspeed_config: str | None = None):
+                 persistence_threshold: int = 100_000, zero1: bool = True, deepspeed_config: str | None = None,
+                 leaf_blocks: bool = False):
     from megatron_apt.parallel.state import dp_group
 
     if kind == "pipeline":
@@ -477,6 +487,7 @@ def build_engine(module: nn.Module, *, kind: str, optimizer: str, lr: float, alp
 
             user = load_user_config(deepspeed_config)
         return DeepSpeedEngine(module, opt, grad_clip, precision, zero_stage, micro_batch, persistence_threshold,
-                               user_config=user, user_config_source=deepspeed_config or "the file")
+                               user_config=user, user_config_source=deepspeed_config or "the file",
+                               leaf_blocks=leaf_blocks)
     group = dp_group(with_sp=True) if dist.is_initialized() and dist.get_world_size() > 1 else None
     return TorchEngine(module, opt, grad_clip, precision, group=group)

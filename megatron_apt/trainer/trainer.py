@@ -232,6 +232,7 @@ class Trainer:
                                  compile=par.compile, extra_blocks=extra_blocks)
 
     def make_engine(self, module, lr: float):
+        from megatron_apt.models.discriminator import Discriminator
         from megatron_apt.trainer.engines import build_engine
 
         o, p = self.cfg.optim, self.cfg.parallel
@@ -239,7 +240,8 @@ class Trainer:
                             eps=o.eps, weight_decay=o.weight_decay, betas=o.betas, grad_clip=o.grad_clip,
                             precision=self.cfg.precision, zero_stage=p.zero_stage, micro_batch=self.cfg.micro_batch,
                             persistence_threshold=p.zero_persistence_threshold, zero1=p.zero1,
-                            deepspeed_config=p.deepspeed_config)
+                            deepspeed_config=p.deepspeed_config,
+                            leaf_blocks=p.zero3_leaf_blocks and not isinstance(module, Discriminator))
         eng.base_lr = lr
         return eng
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.ranks import run_distributed, train_worker
+from tests.helpers.ranks import run_distributed, save_debug_models, train_worker
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytestmark = pytest.mark.distributed
@@ -63,3 +63,26 @@ def test_shipped_offload_config_trains_the_same_losses(tmp_path):
                                                   f"parallel.deepspeed_config={offload}"])[0]
     assert [h["loss"] for h in off] == [h["loss"] for h in ref]
     assert (tmp_path / "off" / "export" / "model_ema" / "model.safetensors").is_file()
+
+
+def _leaves(rank, world, overrides):
+    from deepspeed.utils import z3_leaf_module
+
+    from megatron_apt.config.train import load_config
+    from megatron_apt.trainer.trainer import Trainer
+
+    t = Trainer(load_config(None, overrides))
+    return {name: [z3_leaf_module(b) for b in eng.module.modules() if type(b).__name__ == "MMDiTBlock"]
+            for name, eng in t.method.engines().items()}
+
+
+def test_zero3_gathers_whole_blocks_except_in_the_discriminator(tmp_path):
+    """parallel.zero3_leaf_blocks: G's blocks are DeepSpeed leaves (one gather per block); D's are not (its
+    frozen pass in G's update would fire the leaves' gradient-reduction hooks); off, no block is."""
+    debug_models = save_debug_models(tmp_path / "models")
+    base = ["stage=apt_image", "data.synthetic=true", "data.synthetic_shape=[4,1,8,8]", "data.synthetic_size=16",
+            "precision=fp32", "parallel.engine=deepspeed", "global_batch=2", "micro_batch=2", "plots=false",
+            f"model.init={debug_models}/cd", f"model.teacher={debug_models}/diff", f"run_dir={tmp_path / 'r'}"]
+    on, off = (run_distributed(_leaves, 1, base + [f"parallel.zero3_leaf_blocks={v}"])[0] for v in ("true", "false"))
+    assert on["G"] and all(on["G"]) and on["D"] and not any(on["D"])
+    assert not any(off["G"]) and not any(off["D"])
