@@ -137,7 +137,8 @@ def run_train_stage(stage: str, args: argparse.Namespace, device: torch.device) 
         "recompile_limit_hit": limit_hit, "losses_finite": all(math.isfinite(v) for v in losses.values()),
         "optimizer": optimizer, "precision": PRECISION[precision],
         "config": {"preset": args.preset, "latent": shapes["latent"], "n_visual_tokens": Lx, "text_len": L,
-                   "text_valid": args.text_valid, "micro_batch": B, "activation_checkpointing": ac,
+                   "text_valid": args.text_valid, "micro_batch": B, "activation_checkpointing": bool(ac),
+                   "checkpoint_scope": ac or None,
                    "compile": args.compile, "attn_backend": args.attn_backend, "lr": args.lr,
                    "warmup": args.warmup, "iters": args.iters, "resolution": [shapes["width"], shapes["height"]],
                    "frames": shapes["frames"], "method": type(method).__name__},
@@ -158,7 +159,8 @@ def print_train(res: dict[str, Any]) -> None:
         c = r["config"]
         print(f"\ntrain stage={st}  preset={c['preset']}  latent {'x'.join(map(str, c['latent']))} "
               f"({c['n_visual_tokens']} visual + {c['text_len']} text tokens)  micro-batch {c['micro_batch']}  "
-              f"activation checkpointing={c['activation_checkpointing']}  compile={c['compile']}")
+              f"activation checkpointing={c['activation_checkpointing']}"
+              + (f" ({c['checkpoint_scope']})" if c.get("checkpoint_scope") else "") + f"  compile={c['compile']}")
         print(f"  precision: {r['precision']};  optimizer: {r['optimizer']}")
         print(f"  step {r['step_time_s']:.3f} s (min {r['step_time_min_s']:.3f})  {r['samples_per_s']:.3f} samples/s  "
               f"{r['flops_per_step'] / 1e12:.1f} model TFLOP/step ({r['flops']['forward_equivalents']:.2f} forwards)")

@@ -101,7 +101,8 @@ def check_stage(r, stage, iters=1):
     assert r["losses"] and r["losses_finite"] is True
     assert r["precision"].startswith("bf16 autocast") and r["optimizer"]
     c = r["config"]
-    assert c["activation_checkpointing"] is True and c["latent"] == [4, 2, 4, 4] and c["n_visual_tokens"] == 8
+    assert c["activation_checkpointing"] is True and c["checkpoint_scope"] == "block"
+    assert c["latent"] == [4, 2, 4, 4] and c["n_visual_tokens"] == 8
     assert "resident_after_build_gib" in r  # null off-GPU
 
 
