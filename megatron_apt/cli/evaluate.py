@@ -16,9 +16,10 @@ plots (the aR1 ablation of the paper's Fig. 5 with --fig5).
     torchrun --nproc_per_node 8 tools/evaluate.py --quickstart RUN --diffusion DIFF --num 48 --out RUN/report
 
 --model is NAME=DIR[:steps[:cfg[:LO-HI]]]; without steps a generator/consistency model takes 1 step and a
-diffusion model 25 steps with CFG 7.5; LO-HI applies the guidance only at the steps whose t is in (LO, HI]. Every model gets the same prompts (the captions of the first N
-real samples) and the same noise. The real samples after those N form the reference set (when there
-are at least 2N; otherwise all real samples are the reference and the "real" row is not held out).
+diffusion model 25 steps with CFG 7.5; LO-HI applies the guidance only at the steps whose t is in (LO, HI].
+Every model gets the same prompts (the captions of the first N real samples) and the same noise. The real
+samples after those N form the reference set (when there are at least 2N; otherwise all real samples are the
+reference and the "real" row is not held out).
 
 Toy metrics (megatron_apt/metrics/toy_eval.py): Fréchet distance in the feature space of a digit
 classifier that is trained on the spot (seconds; cached as safetensors in --cache-dir), text alignment
@@ -365,7 +366,8 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"nothing to evaluate in {a.quickstart}: " + "; ".join(notes))
         else:
             if not a.model and not a.fig5:
-                raise ValueError("give at least one --model NAME=DIR[:steps[:cfg[:LO-HI]]] (or --fig5 for the ablation only)")
+                raise ValueError("give at least one --model NAME=DIR[:steps[:cfg[:LO-HI]]] "
+                                 "(or --fig5 for the ablation only)")
             if a.model and not a.real:
                 raise ValueError("--real is required with --model (or use --quickstart RUN)")
             n = a.num or a.prompts_from_real

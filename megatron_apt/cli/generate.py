@@ -177,7 +177,8 @@ def main(argv=None) -> int:
                 save_grid(vid[None], out / f"{stem}.png", scale=a.grid_scale)
         save_grid(torch.stack(videos), out / "grid.png", scale=a.grid_scale)
         rec = {"model": a.model, "steps": a.steps, "cfg": a.cfg, "negative_prompt": a.negative_prompt,
-               "guidance_interval": interval, "timesteps": timesteps, "shift": gen.shift, "samples": len(videos), "frames": frames,
+               "guidance_interval": interval, "timesteps": timesteps, "shift": gen.shift, "samples": len(videos),
+               "frames": frames,
                "resolution": [w, h], "text_s": timings.text, "dit_s": timings.dit, "vae_s": timings.vae,
                "total_s": timings.total, "device": str(device), "dtype": str(dtype)}
         (out / "timings.json").write_text(json.dumps(rec, indent=2) + "\n")

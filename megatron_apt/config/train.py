@@ -36,8 +36,10 @@ def checkpointing(enabled, scope: str = "block"):
         return False
     scope = enabled if isinstance(enabled, str) else scope
     if scope not in CHECKPOINT_SCOPES:
-        raise ValueError(f"activation checkpointing scope must be one of {', '.join(CHECKPOINT_SCOPES)}, got {scope!r}")
+        raise ValueError(f"activation checkpointing scope must be one of {', '.join(CHECKPOINT_SCOPES)}, "
+                         f"got {scope!r}")
     return scope
+
 
 # a field and its docstring per option, as in every config dataclass here: their lines look alike by design
 @dataclass
@@ -121,6 +123,11 @@ class ParallelSection:
     part at long sequences, is not run twice)."""
     compile: bool = False
     """torch.compile each block."""
+
+    @property
+    def recompute(self):
+        """activation_checkpointing and checkpoint_scope as one value: False, 'block' or 'mlp'."""
+        return checkpointing(self.activation_checkpointing, self.checkpoint_scope)
 
 
 # a field and its docstring per option, as in every config dataclass here: their lines look alike by design

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from megatron_apt.models.conditioning import FULL_INTERVAL, guided_velocity
+from megatron_apt.models.conditioning import FULL_INTERVAL, guidance_scale, guided_velocity
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -36,11 +36,11 @@ def euler(velocity: Velocity, z: torch.Tensor, timesteps: Sequence[float], cfg_s
     ts = check_timesteps(timesteps)
     if cfg_scale != 1.0 and uncond_velocity is None:
         raise ValueError("classifier-free guidance needs the unconditional velocity")
-    lo, hi = guidance_interval
     for a, b in zip(ts, ts[1:]):
         v = velocity(x, a)
-        if cfg_scale != 1.0 and lo < a <= hi:
-            v = guided_velocity(v, uncond_velocity(x, a), cfg_scale, a, guidance_interval)
+        s = guidance_scale(cfg_scale, a, guidance_interval)
+        if s != 1.0:  # no unconditional pass where no guidance applies
+            v = guided_velocity(v, uncond_velocity(x, a), s)
         x = x + (b - a) * v
     return x
 

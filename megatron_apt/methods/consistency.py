@@ -1,7 +1,7 @@
 """Discrete-time consistency distillation with the MSE loss (§3.2): the frozen diffusion teacher takes one
 Euler step from t_n to t_{n-1} with a constant classifier-free guidance of 7.5 against a fixed negative
-prompt (optionally only where t_n lies in `cd.guidance_interval`); the student's consistency function f(x, t) = x - t v(x, t) at t_n is pulled to the EMA target
-network's at t_{n-1}. The product, G-hat, initialises the APT generator (Eq. 5)."""
+prompt (optionally only where t_n lies in `cd.guidance_interval`); the student's consistency function
+f(x, t) = x - t v(x, t) at t_n is pulled to the EMA target network's at t_{n-1}. The product, G-hat, initialises the APT generator (Eq. 5)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from megatron_apt.methods.apt import shift_timestep
 from megatron_apt.methods.base import Item, Method, bcast, per_sample_mse
-from megatron_apt.models.conditioning import cfg_text_batch, guided_velocity
+from megatron_apt.models.conditioning import cfg_text_batch, guidance_scale, guided_velocity
 from megatron_apt.parallel.execution import Frozen
 
 
@@ -52,8 +52,11 @@ class ConsistencyDistillation(Method):
 
     def teacher_step(self, xt, tn, tp, v2):
         """The Euler step t_n -> t_{n-1} with the CFG velocity of the doubled teacher output v2."""
+        # the doubled batch keeps one shape for every micro-batch (and every compiled graph): a sample outside
+        # the guidance interval still gets its unconditional pass, then weight 0 (scale 1)
         vc, vu = v2.float().chunk(2)
-        v = guided_velocity(vc, vu, self.cfg.cd.cfg_scale, tn.float(), tuple(self.cfg.cd.guidance_interval))
+        s = guidance_scale(self.cfg.cd.cfg_scale, tn.float(), tuple(self.cfg.cd.guidance_interval))
+        v = guided_velocity(vc, vu, s)
         return (xt.float() + bcast(tp - tn).float() * v).to(xt.dtype)
 
     @staticmethod

@@ -57,18 +57,21 @@ def parse_guidance_interval(text: str) -> tuple[float, float]:
     return check_guidance_interval((lo, hi))
 
 
-def guided_velocity(vc, vu, scale: float, t, interval=FULL_INTERVAL):
-    """Classifier-free guidance vu + s (vc - vu), applied at the noise levels t in (lo, hi] of `interval`; outside
-    it the conditional velocity vc alone (s = 1). The paper's guidance is constant over t (the full interval,
-    the default). A limited interval (Kynkaenniemi et al., 2024, "Applying guidance in a limited interval
-    improves sample and distribution quality") leaves out the high noise levels, where a large scale pushes
-    a pixel-space toy model's samples past the data (saturated blobs) instead of toward the prompt. `t` is a
-    float or a per-sample tensor [B]; vc and vu are [B, ...]."""
+def guidance_scale(scale: float, t, interval=FULL_INTERVAL):
+    """The classifier-free guidance scale at noise level t: `scale` for t in (lo, hi] of `interval`, 1 (the
+    conditional velocity alone) outside it. The paper's guidance is constant over t (the full interval, the
+    default). A limited interval (Kynkaenniemi et al., 2024, "Applying guidance in a limited interval improves
+    sample and distribution quality") leaves out the high noise levels, where a large scale pushes a
+    pixel-space toy model's samples past the data (saturated blobs) instead of toward the prompt. `t` is a
+    float (a float comes back) or a per-sample tensor [B] (a tensor [B] comes back)."""
     lo, hi = interval
-    if scale == 1.0:
-        return vc
     if not torch.is_tensor(t):
-        return vu + scale * (vc - vu) if lo < t <= hi else vc
-    inside = ((t > lo) & (t <= hi)).to(vc.dtype).view(-1, *([1] * (vc.dim() - 1)))
-    s = 1.0 + (scale - 1.0) * inside
+        return scale if lo < t <= hi else 1.0
+    return 1.0 + (scale - 1.0) * ((t > lo) & (t <= hi)).to(t.dtype)
+
+
+def guided_velocity(vc, vu, s):
+    """vu + s (vc - vu), with s a float or a per-sample tensor [B] from `guidance_scale`; vc, vu are [B, ...]."""
+    if torch.is_tensor(s):
+        s = s.to(vc.dtype).view(-1, *([1] * (vc.dim() - 1)))
     return vu + s * (vc - vu)

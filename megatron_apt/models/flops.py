@@ -274,7 +274,7 @@ def _blocks_fwd(ops):
     return sum(o.forward for o in ops if o.in_blocks)
 
 
-def _recomputed_fwd(ops, activation_checkpointing) -> int:
+def recomputed_forward_flops(ops, activation_checkpointing) -> int:
     """Forward FLOPs run again in the backward pass: every block's (scope 'block', or True), only the blocks'
     MLPs ('mlp'), none (False)."""
     scope = checkpointing(activation_checkpointing)
@@ -346,7 +346,7 @@ def flow_matching_step_flops(cfg, batch: int, n_visual: int, n_text: int, *,
     """Flow-matching pre-training: one forward and one backward (about 3 forwards)."""
     ops = mmdit_ops(cfg, batch, n_visual, n_text, weights_grad=True)
     parts = {"forward": _fwd(ops), "backward": _bwd(ops)}
-    return _finish(parts, _recomputed_fwd(ops, activation_checkpointing), _fwd(ops))
+    return _finish(parts, recomputed_forward_flops(ops, activation_checkpointing), _fwd(ops))
 
 
 def apt_step_flops(cfg, batch: int, n_visual: int, n_text: int, dcfg: DiscriminatorConfig | None = None, *,
@@ -373,7 +373,7 @@ def apt_step_flops(cfg, batch: int, n_visual: int, n_text: int, dcfg: Discrimina
         f"d_step.D_backward_x{n_d}": _bwd(d_train),
     }
     # every pass that keeps a graph recomputes its blocks (or their MLPs)
-    recompute = sum(_recomputed_fwd(ops, activation_checkpointing) for ops in (g, d_frozen, d_train))
+    recompute = sum(recomputed_forward_flops(ops, activation_checkpointing) for ops in (g, d_frozen, d_train))
     return _finish(parts, recompute, g_fwd)
 
 
@@ -387,7 +387,7 @@ def consistency_step_flops(cfg, batch: int, n_visual: int, n_text: int, *, guida
              "teacher_forward_" + ("cond_uncond" if guidance else "cond"): f * (2 if guidance else 1)}
     if ema_target:
         parts["ema_target_forward"] = f
-    return _finish(parts, _recomputed_fwd(s, activation_checkpointing), f)
+    return _finish(parts, recomputed_forward_flops(s, activation_checkpointing), f)
 
 
 STAGES = {"flow": flow_matching_step_flops, "apt": apt_step_flops, "cd": consistency_step_flops}

@@ -116,7 +116,7 @@ def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *,
     scope = checkpointing(activation_checkpointing)
     if scope == "mlp":
         mlps = [m for b in blocks for m in (b.x_mlp, b.c_mlp) if m is not None]
-        n = apply_activation_checkpointing(mlps + list(extra_blocks))
+        apply_activation_checkpointing(mlps + list(extra_blocks))
         applied.append(f"selective activation checkpointing ({len(mlps)} MLPs of {len(blocks)} blocks"
                        + (f", {len(extra_blocks)} extra blocks whole)" if extra_blocks else ")"))
     elif scope:

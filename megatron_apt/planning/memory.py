@@ -9,9 +9,8 @@ from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.config.train import checkpointing
 from megatron_apt.planning.inputs import (
     ACT_REPLICATED, ACT_TP, DS_MAX_LIVE_PARAMETERS, DS_REDUCE_BUCKET_SIZE, DS_SUB_GROUP_SIZE, GIB, MLP_HIDDEN_TP,
-    NOGRAD_REPLICATED,
-    NOGRAD_TP, OPTIMIZER_STATE_NAMES, OPTIMIZER_STATES, OUTSIDE_BLOCKS, TRANSIENT_REPLICATED, TRANSIENT_TP,
-    WORKING_SET_BLOCKS, Item, Memory, Phase, PlanRequest, Sample,
+    NOGRAD_REPLICATED, NOGRAD_TP, OPTIMIZER_STATE_NAMES, OPTIMIZER_STATES, OUTSIDE_BLOCKS, TRANSIENT_REPLICATED,
+    TRANSIENT_TP, WORKING_SET_BLOCKS, Item, Memory, Phase, PlanRequest, Sample,
 )
 from megatron_apt.planning.networks import NetCount
 

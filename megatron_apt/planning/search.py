@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from megatron_apt.config.model import DiscriminatorConfig, MMDiTConfig
-from megatron_apt.config.train import checkpointing
 from megatron_apt.parallel.state import ParallelDims
 from megatron_apt.trainer.batching import BatchPlan, plan_batch
 from megatron_apt.planning.inputs import LayoutError, Plan, PlanRequest, Sample, StagePlan, check_layout
@@ -147,9 +146,7 @@ def request_from_config(cfg, world: int, **kw) -> PlanRequest:
                        tp=c.parallel.tp, sp=c.parallel.sp, pp=c.parallel.pp,
                        pipeline_layers=tuple(c.parallel.pipeline_layers) if c.parallel.pipeline_layers else None,
                        zero1=c.parallel.zero1, micro_batch=c.micro_batch, global_batch=c.global_batch,
-                       steps=c.steps,
-                       activation_checkpointing=checkpointing(c.parallel.activation_checkpointing,
-                                                              c.parallel.checkpoint_scope),
+                       steps=c.steps, activation_checkpointing=c.parallel.recompute,
                        precision=c.precision, engine=c.parallel.engine, zero_stage=c.parallel.zero_stage,
                        persistence_threshold=c.parallel.zero_persistence_threshold, optimizer=c.optim.optimizer,
                        ema=ema, use_r1=c.apt.use_r1, **kw)

@@ -16,15 +16,8 @@ from megatron_apt.planning.networks import NetCount
 # ------------------------------------------------------------------------------------------------------
 # step time
 # ------------------------------------------------------------------------------------------------------
-def _sum(ops, attr, blocks_only=False):
-    return sum(getattr(o, attr) for o in ops if (o.in_blocks or not blocks_only))
-
-
-def _recomputed(ops, req: PlanRequest) -> float:
-    """Forward FLOPs of a graph-keeping pass run again in its backward (models.flops._recomputed_fwd)."""
-    from megatron_apt.models.flops import _recomputed_fwd
-
-    return _recomputed_fwd(ops, req.activation_checkpointing)
+def _sum(ops, attr):
+    return sum(getattr(o, attr) for o in ops)
 
 
 def _comm_forwards(req: PlanRequest, p) -> tuple[float, float]:
@@ -47,7 +40,9 @@ def _pass_ops(cfg: MMDiTConfig, sample: Sample, p: _Pass, dcfg):
 
 def _ops_flops(req: PlanRequest, ops, p: _Pass) -> tuple[float, float]:
     model = _sum(ops, "forward") + (_sum(ops, "backward") if p.graph else 0)
-    recompute = _recomputed(ops, req) if p.graph else 0
+    from megatron_apt.models.flops import recomputed_forward_flops
+
+    recompute = recomputed_forward_flops(ops, req.activation_checkpointing) if p.graph else 0
     return float(model), float(recompute)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_apt.checkpoint.training import CheckpointStore
-from megatron_apt.config.train import TrainConfig, checkpointing, dump_config
+from megatron_apt.config.train import TrainConfig, dump_config
 from megatron_apt.parallel import ParallelDims, init_distributed, initialize_model_parallel, parallelize_mmdit
 from megatron_apt.parallel.comm import all_ranks_true
 from megatron_apt.trainer.batching import plan_batch
@@ -226,10 +226,8 @@ class Trainer:
 
     def parallelize(self, module, extra_blocks=()):
         par = self.cfg.parallel
-        return parallelize_mmdit(module, self.dims,
-                                 activation_checkpointing=checkpointing(par.activation_checkpointing,
-                                                                        par.checkpoint_scope),
-                                 compile=par.compile, extra_blocks=extra_blocks)
+        return parallelize_mmdit(module, self.dims, activation_checkpointing=par.recompute, compile=par.compile,
+                                 extra_blocks=extra_blocks)
 
     def make_engine(self, module, lr: float):
         from megatron_apt.models.discriminator import Discriminator

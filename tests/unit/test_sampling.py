@@ -76,12 +76,15 @@ def test_guidance_interval_guides_only_the_steps_inside_it():
 
 
 def test_guided_velocity_per_sample_and_bad_intervals():
-    from megatron_apt.models.conditioning import check_guidance_interval, guided_velocity, parse_guidance_interval
+    from megatron_apt.models.conditioning import (
+        check_guidance_interval, guidance_scale, guided_velocity, parse_guidance_interval,
+    )
 
     vc, vu = torch.ones(3, 2), torch.zeros(3, 2)
     t = torch.tensor([0.9, 0.5, 0.1])
-    out = guided_velocity(vc, vu, 7.5, t, (0.2, 0.9))
+    out = guided_velocity(vc, vu, guidance_scale(7.5, t, (0.2, 0.9)))
     assert out[:, 0].tolist() == [7.5, 7.5, 1.0]
+    assert guidance_scale(7.5, 0.2, (0.2, 0.9)) == 1.0 and guidance_scale(7.5, 0.9, (0.2, 0.9)) == 7.5
     assert parse_guidance_interval("0-0.5") == (0.0, 0.5)
     for bad in ("0.5-0.2", "0-1.5", "0.5", "a-b"):
         with pytest.raises(ValueError, match="guidance interval"):
