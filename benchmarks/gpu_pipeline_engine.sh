@@ -17,7 +17,7 @@
 # [16,13,90,160] (46,800 visual tokens) at micro-batch 1, global batch 1. A finished (shape, engine) run is
 # skipped when the command is run again, so the table can be filled over several commands. IMAGE_LATENT and
 # VIDEO_LATENT replace the latents (a CPU smoke run: PRESET=debug IMAGE_LATENT=[4,1,8,8] VIDEO_LATENT=[4,2,8,8]). Each run's
-# checkpoint and export are deleted after it (2b G + D with optimizer state and EMA is ~40 GB).
+# steps are timed without a final checkpoint or export (save_final=false: 2b G + D with optimizer state is ~40 GB).
 set -euo pipefail
 OUT="${1:?output folder}"; NGPU="${NGPU:-1}"; STEPS="${STEPS:-6}"; PRESET="${PRESET:-2b}"
 TEXT="${TEXT:-512}"; PREC="${PREC:-bf16}"; IMAGE_MB="${IMAGE_MB:-4}"
@@ -46,7 +46,7 @@ for shape in ${SHAPES:-image video}; do
   COMMON=(stage=apt_image model.preset="$PRESET" "model.init=$OUT/ghat" "model.teacher=$OUT/teacher" data.synthetic=true
           "data.synthetic_shape=$latent" data.synthetic_text_len="$TEXT" data.synthetic_size=16 steps="$STEPS"
           global_batch="$gb" micro_batch="$mb" precision="$PREC" parallel.activation_checkpointing=true log_every=1
-          save_every=0)
+          save_every=0 save_final=false)
   for eng in ${ENGINES:-torch deepspeed pipeline}; do
     run="$OUT/run_${shape}_$eng"
     [[ -f "$run/done" ]] && continue
@@ -61,18 +61,25 @@ for shape in ${SHAPES:-image video}; do
     [[ -f "$run/metrics.jsonl" ]] && touch "$run/done"
   done
 done
-python3 - "$OUT" "${SHAPES:-image video}" <<'PY'
+python3 - "$OUT" "${SHAPES:-image video}" "$NGPU" <<'PY'
 import json, sys, pathlib
-out, shapes = pathlib.Path(sys.argv[1]), sys.argv[2].split()
-lines = ["| shape | engine | step s | model TFLOP/s | MFU | peak GiB | first d_loss | first g_loss | / torch | / profiler |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+import yaml
+out, shapes, ngpu = pathlib.Path(sys.argv[1]), sys.argv[2].split(), int(sys.argv[3])
+# The profiler times one micro-batch on one GPU. A trainer step on NGPU GPUs does global / micro of them,
+# spread over the GPUs (data-parallel ranks, or pipeline stages that each run 1/NGPU of every micro-batch; the
+# pipeline's fill and drain not counted), so the prediction ("pred s") is the profiler's step x global / (micro
+# x NGPU), and "/ profiler" is the trainer's step over it.
+lines = ["| shape | engine | step s | pred s | model TFLOP/s | MFU | peak GiB | first d_loss | first g_loss | / torch "
+         "| / profiler |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 for shape in shapes:
     prof = None
     pf = out / f"profile_{shape}.json"
     if pf.is_file():
         r = json.loads(pf.read_text())["stages"]["apt"]
         prof = r["step_time_s"]
-        lines.append(f"| {shape} | profiler | {prof:.2f} | {r['model_tflops_per_s']:.3g} | {r['mfu_datasheet']:.1%} | "
+        lines.append(f"| {shape} | profiler, 1 micro-batch | {prof:.2f} | | {r['model_tflops_per_s']:.3g} | "
+                     f"{r['mfu_datasheet']:.1%} | "
                      f"{r.get('peak_mem_gib', float('nan')):.1f} | {r['losses'].get('d_loss', float('nan')):.5f} | "
                      f"{r['losses'].get('g_loss', float('nan')):.5f} | | |")
     torch_t = None
@@ -90,10 +97,12 @@ for shape in shapes:
         t = mean("step_time_s")
         torch_t = t if eng == "torch" else torch_t
         r0 = recs[0]
-        lines.append(f"| {shape} | {eng} | {t:.2f} | {fmt(mean('tflops'), '.3g')} | {fmt(mean('mfu'), '.1%')} | "
-                     f"{max(r['peak_mem_gb'] for r in recs):.1f} | {r0['d_loss']:.5f} | {r0['g_loss']:.5f} | "
-                     +
-                     (f"{t / torch_t:.2f}x | " if torch_t else "| ") + (f"{t / prof:.2f}x |" if prof else "|"))
+        cfg = yaml.safe_load((f.parent / "config.yaml").read_text())
+        pred = prof * cfg["global_batch"] / cfg["micro_batch"] / ngpu if prof else None
+        lines.append(f"| {shape} | {eng} | {t:.2f} | {fmt(pred, '.2f')} | {fmt(mean('tflops'), '.3g')} | "
+                     f"{fmt(mean('mfu'), '.1%')} | {max(r['peak_mem_gb'] for r in recs):.1f} | {r0['d_loss']:.5f} | "
+                     f"{r0['g_loss']:.5f} | " + (f"{t / torch_t:.2f}x | " if torch_t else "| ")
+                     + (f"{t / pred:.2f}x |" if pred else "|"))
 text = "\n".join(lines)
 print(text)
 (out / "engines.md").write_text(text + "\n")

@@ -160,6 +160,35 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+FREE_SPACE_MARGIN = 1.05  # bytes to write x this (+ 64 MiB) must be free before a large write starts
+
+
+class NotEnoughSpaceError(OSError):
+    """A write refused before it began: the filesystem lacks the room (nothing was written or removed)."""
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def bytes_needed(nbytes: int) -> int:
+    """The free space a write of `nbytes` asks for: the margin covers metadata and filesystem slack."""
+    return int(nbytes * FREE_SPACE_MARGIN) + (64 << 20)
+
+
+def check_free_space(path: str | os.PathLike, nbytes: int, what: str) -> None:
+    """Raise NotEnoughSpaceError, before anything is written, when `nbytes` would not fit under `path`."""
+    need, free = bytes_needed(nbytes), free_bytes(path)
+    if free < need:
+        raise NotEnoughSpaceError(
+            f"not enough free space for {what} in {path}: it needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB "
+            "are free; nothing was written")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place only when the block succeeds.

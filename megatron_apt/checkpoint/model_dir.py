@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.models.mmdit import MMDiT
-from megatron_apt.utils import atomic_directory
+from megatron_apt.utils import atomic_directory, check_free_space
 from megatron_apt.checkpoint.common import ConversionError, SHARD_NAME, read_json, read_tensors, build_meta_model, check_state, expected_shapes, head_mlp_ratio_from
 from megatron_apt.checkpoint.tensor_parallel import merge_tp_shards, split_tp_shard
 
@@ -30,19 +30,19 @@ WEIGHTS_NAME = "model.safetensors"
 def save_mmdit(model: MMDiT, path: str | Path, kind: str = "diffusion", overwrite: bool = False,
                extra: dict[str, Any] | None = None) -> Path:
     """Write a model directory atomically (a killed write leaves nothing that looks complete)."""
-    path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "kind": kind, "model": model.config.to_dict(), **(extra or {})}
-    with atomic_directory(path, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return path
+    return save_state_dir(model.state_dict(), model.config, path, kind, overwrite=overwrite, extra=extra)
 
 
 def save_state_dir(state: dict[str, torch.Tensor], cfg: MMDiTConfig, path: str | Path, kind: str,
                    overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
-    """Write a full (consolidated) state dict with its model config as a model directory, atomically."""
+    """Write a full (consolidated) state dict with its model config as a model directory, atomically. The free
+    space is checked first: a directory that would not fit is refused before anything is written, and the
+    directory it would replace stays as it was."""
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output path {path} already exists (pass --overwrite to replace it)")
+    check_free_space(path.parent, sum(v.numel() * v.element_size() for v in state.values()),
+                     f"the model directory {path.name}")
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {"format": FORMAT, "kind": kind, "model": cfg.to_dict(), **(extra or {})}
     with atomic_directory(path, overwrite=overwrite) as tmp:

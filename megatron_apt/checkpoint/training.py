@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from megatron_apt.checkpoint import integrity
 from megatron_apt.checkpoint.integrity import CheckpointError
 from megatron_apt.parallel.comm import all_ranks_true
-from megatron_apt.utils import atomic_write_json, fsync_dir, get_logger
+from megatron_apt.utils import atomic_write_json, bytes_needed, fsync_dir, get_logger
+from megatron_apt.utils import free_bytes as _free_bytes  # one name the tests can replace (a simulated full disk)
 from megatron_apt.config.model import MMDiTConfig
 from dataclasses import dataclass
 from megatron_apt.checkpoint.common import ConversionError, TRAINER_META, VerificationError, numel, read_json, read_tensors, safetensors_keys, check_state, expected_shapes, head_mlp_ratio_from, model_buffers
@@ -43,7 +44,6 @@ from megatron_apt.checkpoint.tensor_parallel import merge_tp_shards
 log = get_logger("megatron_apt.checkpoint")
 
 VERSION = 2  # 2: trainer.json records every file's size and checksum
-FREE_SPACE_MARGIN = 1.05  # written bytes x this (+ 64 MiB) must be free before a save starts
 
 
 def _rank() -> int:
@@ -57,13 +57,6 @@ def _world() -> int:
 def _barrier() -> None:
     if _world() > 1:
         dist.barrier()
-
-
-def _free_bytes(path: Path) -> int:
-    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
 
 
 def engine_tensors(engines: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -131,7 +124,7 @@ class CheckpointStore:
             if dist.get_backend() == "nccl":
                 total = total.to(self.device)
             dist.all_reduce(total)
-        need = int(int(total.item()) * FREE_SPACE_MARGIN) + (64 << 20)
+        need = bytes_needed(int(total.item()))
         free = _free_bytes(self.dir) if _rank() == 0 else need
         if not all_ranks_true(free >= need, self.device):
             last = self.latest()

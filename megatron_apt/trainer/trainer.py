@@ -26,7 +26,7 @@ from megatron_apt.parallel.comm import all_ranks_true
 from megatron_apt.trainer.batching import plan_batch
 from megatron_apt.data.loader import IndexedData, StepSampler, SyntheticData, collate
 from megatron_apt.trainer.telemetry import Telemetry
-from megatron_apt.utils import atomic_write, get_logger, json_safe, setup_logging, strict_dumps
+from megatron_apt.utils import NotEnoughSpaceError, atomic_write, get_logger, json_safe, setup_logging, strict_dumps
 
 log = get_logger("megatron_apt.trainer")
 
@@ -441,9 +441,10 @@ class Trainer:
                 self.write_samples()
             if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
                 self.save_checkpoint()
-        if self.latest_checkpoint() is None or self.latest_checkpoint().name != f"step-{self.step:08d}":
-            self.save_checkpoint()
-        self.export()
+        if c.save_final:
+            if self.latest_checkpoint() is None or self.latest_checkpoint().name != f"step-{self.step:08d}":
+                self.save_checkpoint()
+            self.export()
         self.telemetry.finish()  # closes the bar, writes run_dir/plots, ends the wandb run
         return self.history
 
@@ -502,6 +503,32 @@ class Trainer:
             sd = {k: v.detach().float().cpu() for k, v in sd.items()}
         return consolidate_tp(eng.module, sd)
 
+    def _check_export_space(self, out: Path, engines: dict[str, Any]) -> None:
+        """Refuse the export on every rank, before any model is gathered or written, when its fp32 model
+        directories would not fit (rank 0 writes them). The parameter count is summed over the tensor- and
+        pipeline-parallel ranks (an upper bound: norms and biases replicated over tp are counted tp times)."""
+        from megatron_apt.utils import bytes_needed, free_bytes
+
+        copies = {n: {"G": 2, "D": 1}.get(n, 1 + (e.ema is not None)) for n, e in engines.items()}  # + EMA
+        local = sum(copies[n] * sum(int(getattr(p, "ds_numel", p.numel())) for p in e.module.parameters())
+                    for n, e in engines.items())  # ZeRO-3 keeps the unpartitioned size in ds_numel
+        total = torch.tensor([float(local)], dtype=torch.float64)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            if dist.get_backend() == "nccl":
+                total = total.to(self.device)
+            dist.all_reduce(total)  # every replica (dp, sp) adds its copy: divided out below
+        copies_of_each = world // (self.dims.tp * self.dims.pp)
+        need = bytes_needed(int(4 * float(total.item()) / copies_of_each))
+        free = free_bytes(out) if _rank() == 0 else need
+        if not all_ranks_true(free >= need, self.device):
+            last = self.latest_checkpoint()
+            raise NotEnoughSpaceError(
+                f"not enough free space in {out} for the exported models: they need up to {need / 2**30:.2f} GiB, "
+                f"{free / 2**30:.2f} GiB are free (rank 0's view); nothing was exported"
+                + (f", the checkpoint {last} is intact (tools/convert_checkpoint.py consolidate exports it)"
+                   if last else ""))
+
     def export(self) -> None:
         """Consolidated safetensors model directories of the stage's products under run_dir/export."""
         from megatron_apt.checkpoint.model_dir import save_state_dir
@@ -509,6 +536,7 @@ class Trainer:
         out = self.run_dir / "export"
         engines = self.method.engines()
         self._ensure_finite_weights("export")
+        self._check_export_space(out, engines)
         if self.dims.pp > 1:
             self._export_from_checkpoint(out)
             return

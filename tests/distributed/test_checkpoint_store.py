@@ -46,3 +46,40 @@ def test_a_full_disk_stops_before_writing_and_keeps_the_previous_checkpoint(tmp_
     assert "\n" not in msg
     assert full["steps"] == ["step-00000001", "step-00000002"] and full["intact"] == [1, 2]
     assert not full["partial"]  # nothing half-written
+
+
+def _run_export(rank, world, run, save_final, full_disk):
+    from pathlib import Path
+
+    from megatron_apt import utils
+    from megatron_apt.checkpoint import integrity
+    from megatron_apt.config.train import load_config
+    from megatron_apt.trainer.trainer import Trainer
+
+    if full_disk:  # the checkpoint fits (its own check reads the real disk); the export's check sees 1 MiB
+        utils.free_bytes = lambda path: 1 << 20
+    out = {}
+    try:
+        Trainer(load_config(None, COMMON + [f"run_dir={run}", "steps=2", "save_every=0",
+                                            f"save_final={str(save_final).lower()}"])).train()
+    except OSError as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    out["steps"] = [p.name for p in integrity.step_dirs(f"{run}/checkpoints")]
+    out["export"] = sorted(p.name for p in Path(run, "export").glob("*")) if Path(run, "export").exists() else None
+    return out
+
+
+@pytest.mark.distributed
+def test_a_full_disk_refuses_the_export_on_every_rank_and_keeps_the_checkpoint(tmp_path):
+    run = str(tmp_path / "r")
+    r = run_distributed(_run_export, 2, run, True, True)
+    for o in r:  # both ranks stop with the same message (no rank left waiting in a gather)
+        assert o["error"].startswith("NotEnoughSpaceError: not enough free space") and "\n" not in o["error"]
+        assert "nothing was exported" in o["error"] and "step-00000002" in o["error"]
+        assert o["steps"] == ["step-00000002"] and o["export"] in (None, [])
+
+
+@pytest.mark.distributed
+def test_save_final_false_writes_no_checkpoint_and_no_export(tmp_path):
+    r = run_distributed(_run_export, 1, str(tmp_path / "r"), False, False)[0]
+    assert "error" not in r and r["steps"] == [] and r["export"] is None

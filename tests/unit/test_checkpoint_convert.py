@@ -235,3 +235,22 @@ def test_sd3_one_step_generator_round_trip(tmp_path):
     assert _cli("reshard", "--input", tmp_path / "gen2", "--output", tmp_path / "gen1", "--tp", "1") == 0
     c = _tensors(tmp_path / "gen1")
     assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_model_directory_that_would_not_fit_is_refused_and_the_old_one_stays(tmp_path, monkeypatch):
+    from megatron_apt import utils
+    from megatron_apt.checkpoint.model_dir import load_mmdit, save_mmdit
+    from megatron_apt.models import build_mmdit
+
+    old, new = build_mmdit("debug", zero_init=False, seed=1), build_mmdit("debug", zero_init=False, seed=2)
+    save_mmdit(old, tmp_path / "m")
+    before = tree_hash(tmp_path / "m")
+    monkeypatch.setattr(utils, "free_bytes", lambda path: 1 << 20)
+    with pytest.raises(utils.NotEnoughSpaceError, match=r"not enough free space for the model directory m in .*"
+                                                        r"nothing was written"):
+        save_mmdit(new, tmp_path / "m", overwrite=True)
+    assert tree_hash(tmp_path / "m") == before and sorted(os.listdir(tmp_path)) == ["m"]
+    monkeypatch.undo()
+    save_mmdit(new, tmp_path / "m", overwrite=True)  # with room, the same write replaces it
+    got, want = load_mmdit(tmp_path / "m").state_dict(), new.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
