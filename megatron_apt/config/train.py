@@ -85,6 +85,9 @@ class DataSection:
 
 
 # a field and its docstring per option, as in every config dataclass here: their lines look alike by design
+DEEPSPEED_BF16 = ("params", "autocast")  # parallel.deepspeed_bf16
+
+
 @dataclass
 class ParallelSection:
     tp: int = 1
@@ -110,6 +113,12 @@ class ParallelSection:
     instead of around each of its ~20 submodules. Applied to every network but the discriminator: DeepSpeed
     reduces a leaf's gradients from a module backward hook, which also fires when the generator's update
     back-propagates through the frozen D, and corrupts D's next gradient reduction."""
+    deepspeed_bf16: str = "params"
+    """How the DeepSpeed engine runs precision=bf16: 'params' (DeepSpeed's bf16 mode: bf16 parameters,
+    gradients and activations, fp32 master weights in the optimizer) or 'autocast' (DeepSpeed's torch_autocast:
+    fp32 parameters and gradients, bf16 matrix products under torch.autocast, linear weights gathered in bf16;
+    the torch and pipeline engines' recipe, so the engines compute the same numbers; tools/plan.py counts the
+    bf16 mode's memory)."""
     deepspeed_config: str | None = None
     """A standard DeepSpeed JSON merged over the config the trainer builds for each engine (e.g.
     examples/ds_configs/zero3_bf16.json): ZeRO buckets, prefetching, offload, communication. Keys the trainer
@@ -344,6 +353,8 @@ class TrainConfig:
             ("parallel.zero_stage", p.zero_stage, p.zero_stage in (0, 1, 2, 3), "0, 1, 2 or 3"),
             ("parallel.zero_persistence_threshold", p.zero_persistence_threshold, p.zero_persistence_threshold >= 0,
              ">= 0"),
+            ("parallel.deepspeed_bf16", p.deepspeed_bf16, p.deepspeed_bf16 in DEEPSPEED_BF16, " or ".join(
+                repr(v) for v in DEEPSPEED_BF16)),
             ("optim.lr", o.lr, o.lr >= 0, ">= 0"),
             ("optim.d_lr", o.d_lr, o.d_lr is None or o.d_lr >= 0, ">= 0"),
             ("optim.alpha", o.alpha, 0 <= o.alpha < 1, "in [0, 1)"),

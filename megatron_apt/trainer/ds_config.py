@@ -24,8 +24,10 @@ _MISSING = object()
 
 
 def trainer_ds_config(*, micro_batch: int, grad_clip: float, precision: str, zero_stage: int,
-                      persistence_threshold: int = 100_000, overlap_comm: bool | None = None) -> dict[str, Any]:
-    """The config the trainer builds for each engine (before a user file is merged over it)."""
+                      persistence_threshold: int = 100_000, overlap_comm: bool | None = None,
+                      bf16_mode: str = "params") -> dict[str, Any]:
+    """The config the trainer builds for each engine (before a user file is merged over it). bf16 runs use
+    DeepSpeed's bf16 mode (bf16_mode 'params') or its torch_autocast (fp32 parameters, bf16 products)."""
     if overlap_comm is None:
         import torch
 
@@ -39,7 +41,8 @@ def trainer_ds_config(*, micro_batch: int, grad_clip: float, precision: str, zer
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": zero_stage, "contiguous_gradients": True, "overlap_comm": overlap_comm,
                               "stage3_param_persistence_threshold": persistence_threshold},
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16" and bf16_mode == "params"},
+        "torch_autocast": {"enabled": precision == "bf16" and bf16_mode == "autocast", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -102,8 +105,9 @@ def check_user_config(built: dict[str, Any], user: dict[str, Any], *, dp_size: i
          f"micro_batch x {dp_size} data-parallel ranks; the exact global batch is global_batch, planned by the "
          "trainer"),
         ("managed_gradient_accumulation", False, "the trainer accumulates ragged micro-batches itself"),
-        ("bf16.enabled", _get(built, "bf16.enabled"), "precision"),
-        ("bfloat16.enabled", _get(built, "bf16.enabled"), "precision"),
+        ("bf16.enabled", _get(built, "bf16.enabled"), "precision and parallel.deepspeed_bf16"),
+        ("bfloat16.enabled", _get(built, "bf16.enabled"), "precision and parallel.deepspeed_bf16"),
+        ("torch_autocast.enabled", _get(built, "torch_autocast.enabled"), "precision and parallel.deepspeed_bf16"),
         ("fp16.enabled", False, "precision: the trainer runs bf16 or fp32"),
         ("zero_optimization.stage", _get(built, "zero_optimization.stage"), "parallel.zero_stage"),
         ("gradient_clipping", built["gradient_clipping"], "optim.grad_clip"),
@@ -156,7 +160,8 @@ def built_for(cfg) -> dict[str, Any]:
     """The config the trainer builds for a TrainConfig, before a user file is merged over it."""
     p = cfg.parallel
     return trainer_ds_config(micro_batch=cfg.micro_batch, grad_clip=cfg.optim.grad_clip, precision=cfg.precision,
-                             zero_stage=p.zero_stage, persistence_threshold=p.zero_persistence_threshold)
+                             zero_stage=p.zero_stage, persistence_threshold=p.zero_persistence_threshold,
+                             bf16_mode=p.deepspeed_bf16)
 
 
 def training_ds_config(cfg, dp_size: int) -> dict[str, Any]:

@@ -226,14 +226,16 @@ class DeepSpeedEngine(TorchEngine):
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, precision: str,
                  zero_stage: int, micro_batch: int, persistence_threshold: int = 100_000,
-                 user_config: dict | None = None, user_config_source: str = "the file", leaf_blocks: bool = False):
+                 user_config: dict | None = None, user_config_source: str = "the file", leaf_blocks: bool = False,
+                 bf16_mode: str = "params"):
         import deepspeed
 
         from megatron_apt.trainer.ds_config import merged_config, trainer_ds_config
 
         mpu = MegatronMPU()
         ds_config = trainer_ds_config(micro_batch=micro_batch, grad_clip=grad_clip, precision=precision,
-                                      zero_stage=zero_stage, persistence_threshold=persistence_threshold)
+                                      zero_stage=zero_stage, persistence_threshold=persistence_threshold,
+                                      bf16_mode=bf16_mode)
         if user_config:  # a user's DeepSpeed JSON (parallel.deepspeed_config) merged over what the trainer needs
             dp = mpu.get_data_parallel_world_size() if dist.is_initialized() else 1
             ds_config = merged_config(ds_config, user_config, dp_size=dp, source=user_config_source)
@@ -473,7 +475,7 @@ def grad_norm(params) -> float:
 def build_engine(module: nn.Module, *, kind: str, optimizer: str, lr: float, alpha: float, eps: float,
                  weight_decay: float, betas, grad_clip: float, precision: str, zero_stage: int, micro_batch: int,
                  persistence_threshold: int = 100_000, zero1: bool = True, deepspeed_config: str | None = None,
-                 leaf_blocks: bool = False):
+                 leaf_blocks: bool = False, deepspeed_bf16: str = "params"):
     from megatron_apt.parallel.state import dp_group
 
     if kind == "pipeline":
@@ -488,6 +490,6 @@ def build_engine(module: nn.Module, *, kind: str, optimizer: str, lr: float, alp
             user = load_user_config(deepspeed_config)
         return DeepSpeedEngine(module, opt, grad_clip, precision, zero_stage, micro_batch, persistence_threshold,
                                user_config=user, user_config_source=deepspeed_config or "the file",
-                               leaf_blocks=leaf_blocks)
+                               leaf_blocks=leaf_blocks, bf16_mode=deepspeed_bf16)
     group = dp_group(with_sp=True) if dist.is_initialized() and dist.get_world_size() > 1 else None
     return TorchEngine(module, opt, grad_clip, precision, group=group)

@@ -239,7 +239,8 @@ class Trainer:
                             precision=self.cfg.precision, zero_stage=p.zero_stage, micro_batch=self.cfg.micro_batch,
                             persistence_threshold=p.zero_persistence_threshold, zero1=p.zero1,
                             deepspeed_config=p.deepspeed_config,
-                            leaf_blocks=p.zero3_leaf_blocks and not isinstance(module, Discriminator))
+                            leaf_blocks=p.zero3_leaf_blocks and not isinstance(module, Discriminator),
+                            deepspeed_bf16=p.deepspeed_bf16)
         eng.base_lr = lr
         return eng
 
@@ -266,7 +267,8 @@ class Trainer:
                 mb = self.data.batch([idx[p] for p in range(a, b)])
             else:
                 mb = collate([self.data.get(idx[p]) for p in range(a, b)], self.device)
-            if self.cfg.precision == "bf16" and self.cfg.parallel.engine == "deepspeed":
+            if self.cfg.precision == "bf16" and self.cfg.parallel.engine == "deepspeed" and \
+                    self.cfg.parallel.deepspeed_bf16 == "params":  # bf16 parameters take bf16 inputs
                 mb["x"], mb["text"] = mb["x"].to(torch.bfloat16), mb["text"].to(torch.bfloat16)
             mb["positions"] = list(range(a, b))
             mb["weight"] = weight

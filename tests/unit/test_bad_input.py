@@ -59,6 +59,8 @@ CASES = {
     "yaml_not_mapping": ("train", ["--config", "YAML:- 1\n- 2\n"], "must hold a mapping"),
     "log_every_zero": ("train", ["log_every=0"], "log_every must be >= 1, got 0"),
     "steps_negative": ("train", ["steps=-1"], "steps must be >= 0, got -1"),
+    "deepspeed_bf16_unknown": ("train", ["parallel.deepspeed_bf16=half"],
+                               "parallel.deepspeed_bf16 must be 'params' or 'autocast', got 'half'"),
     "lr_not_finite": ("train", ["optim.lr=inf"], "optim.lr='inf': expected a finite float"),
     "unknown_flag": ("train", ["--bogus"], "unrecognized arguments: --bogus"),
     "run_dir_not_writable": ("subprocess", ["run_dir=FILE/run"], "Not a directory"),

@@ -40,7 +40,7 @@ def test_tuning_keys_merge_and_nested_sections_keep_the_trainers_keys():
     ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps", "8", "1 (the trainer accumulates"),
     ({"train_batch_size": 9062}, "train_batch_size", "9062", "8 (micro_batch x 4 data-parallel ranks"),
     ({"managed_gradient_accumulation": True}, "managed_gradient_accumulation", "true", "false (the trainer"),
-    ({"bf16": {"enabled": False}}, "bf16.enabled", "false", "true (precision)"),
+    ({"bf16": {"enabled": False}}, "bf16.enabled", "false", "true (precision and parallel.deepspeed_bf16)"),
     ({"fp16": {"enabled": True}}, "fp16.enabled", "true", "false (precision"),
     ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage", "2", "3 (parallel.zero_stage)"),
     ({"gradient_clipping": 1.0}, "gradient_clipping", "1.0", "0.0 (optim.grad_clip)"),
@@ -102,3 +102,20 @@ def test_dry_run_prints_the_merged_json_and_refuses_contradictions(tmp_path):
                                 "training config")
     r = _dry_run(f"parallel.deepspeed_config={tmp_path / 'missing.json'}")
     assert r.returncode == 2 and "missing.json does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("precision, mode, bf16, autocast", [
+    ("bf16", "params", True, False), ("bf16", "autocast", False, True),
+    ("fp32", "params", False, False), ("fp32", "autocast", False, False)])
+def test_the_bf16_mode_picks_deepspeeds_bf16_section_or_its_torch_autocast(precision, mode, bf16, autocast):
+    built = _built(precision=precision, bf16_mode=mode)
+    assert built["bf16"]["enabled"] is bf16 and built["torch_autocast"]["enabled"] is autocast
+    assert built["torch_autocast"]["dtype"] == "bfloat16"
+
+
+def test_a_bf16_file_under_the_autocast_mode_is_refused_naming_the_setting():
+    with pytest.raises(ValueError, match=r"bf16.enabled is true in the file but the trainer sets false \(precision "
+                                         r"and parallel.deepspeed_bf16\)"):
+        dc.merged_config(_built(bf16_mode="autocast"), {"bf16": {"enabled": True}}, dp_size=1)
+    with pytest.raises(ValueError, match=r"torch_autocast.enabled is false in the file but the trainer sets true"):
+        dc.merged_config(_built(bf16_mode="autocast"), {"torch_autocast": {"enabled": False}}, dp_size=1)
