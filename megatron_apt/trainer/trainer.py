@@ -364,8 +364,11 @@ class Trainer:
         if c.parallel.engine == "pipeline":
             eng = (f"engine pipeline ({self.dims.pp} stage(s), megatron-core 1F1B schedule, optimizer state "
                    f"{'sharded over dp (ZeRO-1)' if c.parallel.zero1 and self.dims.dp > 1 else 'whole'})")
+        elif c.parallel.engine == "torch":
+            eng = "engine torch (gradients averaged over dp x sp, optimizer state whole)"
         else:
-            eng = f"engine {c.parallel.engine} (ZeRO-{c.parallel.zero_stage})"
+            bf16 = f", bf16 {c.parallel.deepspeed_bf16}" if c.precision == "bf16" else ""
+            eng = f"engine deepspeed (ZeRO-{c.parallel.zero_stage}{bf16})"
             if c.parallel.deepspeed_config:
                 from megatron_apt.trainer.ds_config import built_for, changed_keys
 
