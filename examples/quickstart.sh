@@ -15,6 +15,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 START=$(date +%s)
 RUN="${1:-runs/quickstart-$(date +%Y%m%d-%H%M%S)}"
+if [ -d "$RUN/cd" ] || [ -d "$RUN/apt_image" ]; then  # the trainer resumes each stage from its run folder
+  echo "note: $RUN already holds a quickstart run; its stages resume from their checkpoints (a finished stage is" \
+       "not retrained). Give a new folder for a fresh run."
+fi
 mkdir -p "$RUN"
 RUN="$(cd "$RUN" && pwd)"
 QUICK="${QUICK:-0}"
