@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -59,25 +60,44 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def engine_tensors(engines: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """This rank's checkpoint tensors of every engine, prefixed with the engine's name."""
+def engine_tensors(engines: dict[str, Any], snapshot: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's checkpoint tensors of every engine, prefixed with the engine's name. `snapshot` copies even
+    tensors already in host memory (a CPU run), so that training may go on changing them while they are written."""
+    def host(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", copy=snapshot).contiguous()
+
     tensors = {}
     for ename, eng in engines.items():
         for k, v in eng.state_tensors().items():
-            tensors[f"{ename}.{k}"] = v.detach().cpu().contiguous()
+            tensors[f"{ename}.{k}"] = host(v)
         if eng.kind == "deepspeed":  # ZeRO-3 state holds no buffers (e.g. SD3's sin-cos table)
             for k, b in eng.module.named_buffers():
-                tensors[f"{ename}.buffer.{k}"] = b.detach().cpu().contiguous()
+                tensors[f"{ename}.buffer.{k}"] = host(b)
     return tensors
 
 
 class CheckpointStore:
     """The checkpoints of one run folder, for the ranks of one training job (every rank calls every method)."""
 
-    def __init__(self, ckpt_dir: str | Path, device: torch.device, keep: int = 2):
+    def __init__(self, ckpt_dir: str | Path, device: torch.device, keep: int = 2, async_save: bool = False):
         self.dir = Path(ckpt_dir)
         self.device = device
         self.keep = max(1, int(keep))
+        self.async_save = async_save
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
+        # a background write exchanges its digests and meets the other ranks over a gloo group of its own, so
+        # that its collectives never interleave with the training step's on the default group
+        self._group = dist.new_group(backend="gloo") if async_save and _world() > 1 else None
+
+    def wait(self) -> None:
+        """Block until a background save has finished; raise its error here if it failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._writer_error is not None:
+            err, self._writer_error = self._writer_error, None
+            raise err
 
     def latest(self) -> Path | None:
         done = integrity.complete_checkpoints(self.dir)
@@ -87,18 +107,38 @@ class CheckpointStore:
     def save(self, step: int, engines: dict[str, Any], rank_layout: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Write step `step`: this rank's tensors and layout, then (rank 0) trainer.json with `meta`, the
         version, the step, the world size and the file table; rename into place; drop the oldest."""
+        self.wait()  # one save at a time: the previous background write first (its error surfaces here)
         t0 = time.perf_counter()
         name = f"step-{step:08d}"
         final, tmp = self.dir / name, self.dir / f".{name}.partial"
-        tensors = engine_tensors(engines)
+        tensors = engine_tensors(engines, snapshot=self.async_save)
+        layout = {"rank": _rank(), **rank_layout, "engines": {n: e.layout() for n, e in engines.items()}}
         self._check_free_space(sum(v.numel() * v.element_size() for v in tensors.values()), name)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        # the folder is renamed into place only when every rank has written: no partial step-N is ever visible
+        if not self.async_save:
+            self._write(step, tensors, layout, meta, final, tmp, t0)
+            return final
+        log.info("checkpoint %s: state copied to host memory in %.1f s; written in the background", name,
+                 time.perf_counter() - t0)
+
+        def run():
+            try:
+                self._write(step, tensors, layout, meta, final, tmp, t0)
+            except BaseException as e:  # re-raised by the next save, the export or the end of the run
+                self._writer_error = e
+
+        self._writer = threading.Thread(target=run, name=f"checkpoint-{name}", daemon=False)
+        self._writer.start()
+        return final
+
+    def _write(self, step: int, tensors: dict[str, torch.Tensor], layout: dict[str, Any], meta: dict[str, Any],
+               final: Path, tmp: Path, t0: float) -> None:
+        """Write this rank's files into `tmp`; rank 0 adds trainer.json once every rank's digests are in,
+        renames the folder into place (no partial step-N is ever visible) and drops the oldest."""
         save_file(tensors, str(tmp / f"rank{_rank():05d}.safetensors"))
-        layout = {"rank": _rank(), **rank_layout, "engines": {n: e.layout() for n, e in engines.items()}}
         atomic_write_json(tmp / f"rank{_rank():05d}.json", layout)
         files = self._gather_digests(tmp)
         if _rank() == 0:
@@ -114,8 +154,10 @@ class CheckpointStore:
             size = sum(int(f["size"]) for f in files.values())
             log.info("saved checkpoint %s: %.2f GiB in %.1f s (%d file(s), keeping the last %d)", final,
                      size / 2**30, time.perf_counter() - t0, len(files) + 1, self.keep)
-        _barrier()
-        return final
+        if self._group is not None:
+            dist.barrier(group=self._group)
+        else:
+            _barrier()
 
     def _check_free_space(self, my_bytes: int, name: str) -> None:
         """Refuse, before anything is written, a save that would not fit (the previous checkpoint stays)."""
@@ -144,10 +186,10 @@ class CheckpointStore:
         t = torch.tensor(mine, dtype=torch.int64)
         world = _world()
         if world > 1:
-            if dist.get_backend() == "nccl":
+            if self._group is None and dist.get_backend() == "nccl":
                 t = t.to(self.device)
             parts = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(parts, t)
+            dist.all_gather(parts, t, group=self._group)
         else:
             parts = [t]
         files = {}

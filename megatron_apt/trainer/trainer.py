@@ -70,7 +70,7 @@ class Trainer:
             log.warning("parallel.deepspeed_config is not used by parallel.engine=%s", cfg.parallel.engine)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.checkpoints = CheckpointStore(self.ckpt_dir, self.device, cfg.keep_checkpoints)
+        self.checkpoints = CheckpointStore(self.ckpt_dir, self.device, cfg.keep_checkpoints, async_save=cfg.async_save)
         self.data = self._build_data()
         self.sampler = StepSampler(self.data, cfg.global_batch, cfg.seed)
         from megatron_apt.methods import METHODS, MethodContext
@@ -286,6 +286,7 @@ class Trainer:
                 "precision": self.cfg.precision, "shapes": shapes}
 
     def latest_checkpoint(self) -> Path | None:
+        self.checkpoints.wait()  # a checkpoint still being written in the background counts once it is complete
         return self.checkpoints.latest()
 
     def _ensure_finite_weights(self, what: str) -> None:
@@ -449,7 +450,9 @@ class Trainer:
         if c.save_final:
             if self.latest_checkpoint() is None or self.latest_checkpoint().name != f"step-{self.step:08d}":
                 self.save_checkpoint()
+            self.checkpoints.wait()
             self.export()
+        self.checkpoints.wait()
         self.telemetry.finish()  # closes the bar, writes run_dir/plots, ends the wandb run
         return self.history
 

@@ -1,7 +1,10 @@
 """Checkpoints that fit: the last `keep_checkpoints` are kept, a save that would not fit the disk stops the run
 with a clear message before anything is written, and the previous checkpoint stays intact."""
 
+import hashlib
+
 import pytest
+import torch
 
 from tests.helpers.ranks import run_distributed
 
@@ -83,3 +86,57 @@ def test_a_full_disk_refuses_the_export_on_every_rank_and_keeps_the_checkpoint(t
 def test_save_final_false_writes_no_checkpoint_and_no_export(tmp_path):
     r = run_distributed(_run_export, 1, str(tmp_path / "r"), False, False)[0]
     assert "error" not in r and r["steps"] == [] and r["export"] is None
+
+
+def _run_async(rank, world, run, async_save, fail_at_step):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from megatron_apt.checkpoint import integrity, training
+    from megatron_apt.config.train import load_config
+    from megatron_apt.trainer.trainer import Trainer
+
+    if fail_at_step:  # the background write of that step fails on this rank (a disk error, say)
+        real = training.save_file
+
+        def failing(tensors, path):
+            if f"step-{fail_at_step:08d}" in path:
+                raise OSError(f"simulated write error for {path}")
+            return real(tensors, path)
+
+        training.save_file = failing
+    out = {}
+    try:
+        Trainer(load_config(None, COMMON + [f"run_dir={run}", "steps=4", "keep_checkpoints=2",
+                                            f"async_save={str(async_save).lower()}"])).train()
+    except OSError as e:
+        out["error"] = str(e)
+    ck = integrity.step_dirs(f"{run}/checkpoints")
+    out["steps"] = [p.name for p in ck]
+    out["intact"] = [integrity.verify_checkpoint(p)["step"] for p in ck]
+    def digests(path):  # per tensor, a hash of its bytes (tensors themselves do not travel back from a rank)
+        return {k: hashlib.sha256(v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                for k, v in load_file(str(path)).items()}
+
+    out["tensors"] = {p.name: digests(p / f"rank{rank:05d}.safetensors") for p in ck}
+    model = Path(run, "export", "model", "model.safetensors")
+    out["export"] = digests(model) if model.exists() else None
+    return out
+
+
+@pytest.mark.distributed
+def test_a_background_save_writes_the_same_checkpoints_as_a_blocking_one(tmp_path):
+    sync = run_distributed(_run_async, 2, str(tmp_path / "sync"), False, 0)
+    bg = run_distributed(_run_async, 2, str(tmp_path / "bg"), True, 0)
+    for a, b in zip(sync, bg):  # per rank: the same steps kept, intact, bit-identical (a snapshot, not live views)
+        assert "error" not in b and a["steps"] == b["steps"] == ["step-00000003", "step-00000004"]
+        assert b["intact"] == [3, 4]
+        assert a["tensors"] == b["tensors"] and a["export"] == b["export"] and a["export"]
+
+
+@pytest.mark.distributed
+def test_a_failed_background_save_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path):
+    out = run_distributed(_run_async, 1, str(tmp_path / "r"), True, 3)[0]
+    assert out["error"].startswith("simulated write error") and "step-00000003" in out["error"]
+    assert out["steps"] == ["step-00000001", "step-00000002"] and out["intact"] == [1, 2]  # no step-3, no later
