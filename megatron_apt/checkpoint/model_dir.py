@@ -39,8 +39,6 @@ def save_state_dir(state: dict[str, torch.Tensor], cfg: MMDiTConfig, path: str |
     space is checked first: a directory that would not fit is refused before anything is written, and the
     directory it would replace stays as it was."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output path {path} already exists (pass --overwrite to replace it)")
     check_free_space(path.parent, sum(v.numel() * v.element_size() for v in state.values()),
                      f"the model directory {path.name}")
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}

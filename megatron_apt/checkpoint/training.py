@@ -76,6 +76,19 @@ def engine_tensors(engines: dict[str, Any], snapshot: bool = False) -> dict[str,
     return tensors
 
 
+def ranks_fit(folder: Path, my_bytes: int, device: torch.device) -> tuple[bool, int, int]:
+    """Whether what every rank is about to write (its `my_bytes`, summed over the world) fits in the free space
+    of `folder` (rank 0's view): the same verdict on every rank, with the bytes needed and free."""
+    total = torch.tensor([int(my_bytes)], dtype=torch.int64)
+    if _world() > 1:
+        if dist.get_backend() == "nccl":
+            total = total.to(device)
+        dist.all_reduce(total)
+    need = bytes_needed(int(total.item()))
+    free = _free_bytes(folder) if _rank() == 0 else need
+    return all_ranks_true(free >= need, device), need, free
+
+
 class CheckpointStore:
     """The checkpoints of one run folder, for the ranks of one training job (every rank calls every method)."""
 
@@ -161,14 +174,8 @@ class CheckpointStore:
 
     def _check_free_space(self, my_bytes: int, name: str) -> None:
         """Refuse, before anything is written, a save that would not fit (the previous checkpoint stays)."""
-        total = torch.tensor([my_bytes], dtype=torch.int64)
-        if _world() > 1:
-            if dist.get_backend() == "nccl":
-                total = total.to(self.device)
-            dist.all_reduce(total)
-        need = bytes_needed(int(total.item()))
-        free = _free_bytes(self.dir) if _rank() == 0 else need
-        if not all_ranks_true(free >= need, self.device):
+        ok, need, free = ranks_fit(self.dir, my_bytes, self.device)
+        if not ok:
             last = self.latest()
             raise CheckpointError(
                 f"not enough free space in {self.dir} for {name}: it needs {need / 2**30:.2f} GiB, "

@@ -513,23 +513,17 @@ class Trainer:
 
     def _check_export_space(self, out: Path, engines: dict[str, Any]) -> None:
         """Refuse the export on every rank, before any model is gathered or written, when its fp32 model
-        directories would not fit (rank 0 writes them). The parameter count is summed over the tensor- and
-        pipeline-parallel ranks (an upper bound: norms and biases replicated over tp are counted tp times)."""
-        from megatron_apt.utils import bytes_needed, free_bytes
+        directories would not fit (rank 0 writes them). Each rank counts its share of the parameters: its own
+        (tensor- and pipeline-parallel) part divided by the replicas of that part (dp x sp), an upper bound only
+        in that norms and biases replicated over tp are counted tp times."""
+        from megatron_apt.checkpoint.training import ranks_fit
 
         copies = {n: {"G": 2, "D": 1}.get(n, 1 + (e.ema is not None)) for n, e in engines.items()}  # + EMA
         local = sum(copies[n] * sum(int(getattr(p, "ds_numel", p.numel())) for p in e.module.parameters())
                     for n, e in engines.items())  # ZeRO-3 keeps the unpartitioned size in ds_numel
-        total = torch.tensor([float(local)], dtype=torch.float64)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if world > 1:
-            if dist.get_backend() == "nccl":
-                total = total.to(self.device)
-            dist.all_reduce(total)  # every replica (dp, sp) adds its copy: divided out below
-        copies_of_each = world // (self.dims.tp * self.dims.pp)
-        need = bytes_needed(int(4 * float(total.item()) / copies_of_each))
-        free = free_bytes(out) if _rank() == 0 else need
-        if not all_ranks_true(free >= need, self.device):
+        ok, need, free = ranks_fit(out, 4 * local // (world // (self.dims.tp * self.dims.pp)), self.device)
+        if not ok:
             last = self.latest_checkpoint()
             raise NotEnoughSpaceError(
                 f"not enough free space in {out} for the exported models: they need up to {need / 2**30:.2f} GiB, "

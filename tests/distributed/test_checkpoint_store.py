@@ -54,13 +54,13 @@ def test_a_full_disk_stops_before_writing_and_keeps_the_previous_checkpoint(tmp_
 def _run_export(rank, world, run, save_final, full_disk):
     from pathlib import Path
 
-    from megatron_apt import utils
-    from megatron_apt.checkpoint import integrity
+    from megatron_apt.checkpoint import integrity, training
     from megatron_apt.config.train import load_config
     from megatron_apt.trainer.trainer import Trainer
 
-    if full_disk:  # the checkpoint fits (its own check reads the real disk); the export's check sees 1 MiB
-        utils.free_bytes = lambda path: 1 << 20
+    if full_disk:  # the checkpoint fits (the real disk); the export folder sees 1 MiB
+        real = training._free_bytes
+        training._free_bytes = lambda path: (1 << 20) if Path(path).name == "export" else real(path)
     out = {}
     try:
         Trainer(load_config(None, COMMON + [f"run_dir={run}", "steps=2", "save_every=0",
@@ -115,6 +115,7 @@ def _run_async(rank, world, run, async_save, fail_at_step):
     ck = integrity.step_dirs(f"{run}/checkpoints")
     out["steps"] = [p.name for p in ck]
     out["intact"] = [integrity.verify_checkpoint(p)["step"] for p in ck]
+
     def digests(path):  # per tensor, a hash of its bytes (tensors themselves do not travel back from a rank)
         return {k: hashlib.sha256(v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
                 for k, v in load_file(str(path)).items()}
