@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["autocast", "bf16"], default="autocast",
                    help="autocast: fp32 params + bf16 autocast (mixed precision); bf16: bf16 params and state")
     t.add_argument("--lr", type=float, default=3e-6)
+    t.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="after the timed steps, profile one more step (torch.profiler): device busy time against "
+                        "wall, time by kernel family and the N longest kernels")
     m = p.add_argument_group("MFU")
     m.add_argument("--peak-tflops", type=float, default=None,
                    help="datasheet peak to report MFU against (default: from the device name; 989 for H100/H200 SXM)")
@@ -114,6 +117,8 @@ def apply_defaults(args: argparse.Namespace) -> None:
     args.iters = args.iters if args.iters is not None else (5 if args.mode == "inference" else 3)
     if args.iters < 1 or args.warmup < 0:
         raise ValueError("--iters must be >= 1 and --warmup >= 0")
+    if args.kernels < 0:
+        raise ValueError("--kernels must be >= 0")
     if args.batch < 1 or args.text_len < 1:
         raise ValueError("--batch and --text-len must be >= 1")
     if args.text_valid is not None and not 1 <= args.text_valid <= args.text_len:

@@ -81,3 +81,65 @@ def free(device: torch.device) -> None:
 
         gc.collect()
         torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------------
+# where one call's time goes (torch.profiler)
+# ------------------------------------------------------------------------------------------------------
+# Kernel families by name. cuBLAS / CUTLASS GEMMs are named *gemm* / nvjet* / sm90_xmma*; the attention
+# kernels are flash / fmha / cudnn SDPA (on a CPU: the aten ops of the same names).
+_FAMILIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
+    ("communication", ("nccl", "gloo", "all_gather", "reduce_scatter", "all_reduce")),
+    ("copy", ("memcpy", "memset", "aten::copy_", "aten::_to_copy", "aten::to")),
+)
+
+
+def kernel_family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in _FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "elementwise and other"
+
+
+def kernel_breakdown(fn: Callable[[], Any], device: torch.device, top: int = 15) -> dict[str, Any]:
+    """One call of `fn` under torch.profiler: its wall time, the time the device spent in kernels (their
+    self time summed; on a CPU, the aten ops' self time), that time by kernel family (matmul, attention,
+    communication, copy, elementwise and other) and the `top` kernels. busy / wall below 1 is time the device
+    waited on the host: launch overhead, synchronisation, Python."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    kernels: dict[str, float] = {}
+    for e in prof.key_averages():
+        if cuda:
+            if e.device_type != DeviceType.CUDA:  # a CPU op's device time is its kernels': counted there
+                continue
+            us = e.self_device_time_total
+        else:
+            if not e.key.startswith("aten::"):
+                continue
+            us = e.self_cpu_time_total
+        if us > 0:
+            kernels[e.key] = kernels.get(e.key, 0.0) + us / 1e6
+    busy = sum(kernels.values())
+    fams: dict[str, float] = {}
+    for name, s in kernels.items():
+        fams[kernel_family(name)] = fams.get(kernel_family(name), 0.0) + s
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "wall_s": wall, "busy_s": busy, "busy_over_wall": busy / wall if wall > 0 else None,
+        "source": "CUDA kernels' self time" if cuda else "aten ops' self CPU time",
+        "families_s": dict(sorted(fams.items(), key=lambda kv: -kv[1])),
+        "top": [{"name": n[:160], "seconds": s, "family": kernel_family(n)} for n, s in ranked],
+    }

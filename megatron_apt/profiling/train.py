@@ -14,7 +14,7 @@ from megatron_apt.config.train import checkpointing
 from megatron_apt.models import flops as mf
 from megatron_apt.profiling.builders import build_backbone, random_text
 from megatron_apt.profiling.shapes import resolve_shapes
-from megatron_apt.profiling.timing import free, mem_peak_gib, mem_reset, mem_source, n_params, summary, time_fn
+from megatron_apt.profiling.timing import free, kernel_breakdown, mem_peak_gib, mem_reset, mem_source, n_params, summary, time_fn
 
 # ------------------------------------------------------------------------------------------------------
 # training steps
@@ -116,6 +116,7 @@ def run_train_stage(stage: str, args: argparse.Namespace, device: torch.device) 
     times = time_fn(timed_step, args.warmup, args.iters, device)
     recompiles = counters["stats"]["unique_graphs"] - graphs_at_timing[0] if graphs_at_timing else None
     limit_hit = _recompile_limit_hits() > limit_hits_before
+    kernels = kernel_breakdown(timed_step, device, args.kernels) if args.kernels else None
     s = summary(times)
     peak = mem_peak_gib(device)
     losses = {k: float(v) for k, v in last.items() if k.endswith("loss") or k == "ar1"}
@@ -134,7 +135,7 @@ def run_train_stage(stage: str, args: argparse.Namespace, device: torch.device) 
         "peak_tflops_measured": rep["peak_tflops_measured"],
         "peak_mem_gib": peak, "resident_after_build_gib": resident_gib,
         "params": params, "losses": losses, "graphs_compiled_while_timed": recompiles,
-        "recompile_limit_hit": limit_hit, "losses_finite": all(math.isfinite(v) for v in losses.values()),
+        "recompile_limit_hit": limit_hit, "kernels": kernels, "losses_finite": all(math.isfinite(v) for v in losses.values()),
         "optimizer": optimizer, "precision": PRECISION[precision],
         "config": {"preset": args.preset, "latent": shapes["latent"], "n_visual_tokens": Lx, "text_len": L,
                    "text_valid": args.text_valid, "micro_batch": B, "activation_checkpointing": bool(ac),
@@ -169,6 +170,14 @@ def print_train(res: dict[str, Any]) -> None:
               f"({r['peak_source']}), {r['mfu_measured']:.1%} of measured {r['peak_tflops_measured']:.0f}")
         print(f"  peak memory {r['peak_mem_gib']:.2f} GiB  losses {r['losses']}"
               + ("" if r["losses_finite"] else "  (non-finite: random weights in bf16; timing is unaffected)"))
+        if r.get("kernels"):
+            k = r["kernels"]
+            print(f"  one more step under torch.profiler: {k['wall_s']:.3f} s wall, {k['busy_s']:.3f} s busy "
+                  f"({k['source']}; busy/wall {k['busy_over_wall']:.1%})")
+            print("    by family: " + ", ".join(f"{f} {s:.3f} s ({s / k['busy_s']:.0%})"
+                                              for f, s in k["families_s"].items()))
+            for e in k["top"]:
+                print(f"    {e['seconds']:8.4f} s  {e['family']:<22} {e['name'][:110]}")
         if c["compile"]:
             print(f"  graphs compiled during the timed steps (steady-state recompiles): "
                   f"{r['graphs_compiled_while_timed']}"

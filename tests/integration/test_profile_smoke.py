@@ -108,10 +108,18 @@ def check_stage(r, stage, iters=1):
 
 def test_train_apt_smoke(tmp_path):
     out = tmp_path / "apt.json"
-    res = load(run_tool("--smoke", "--mode", "train", "--stage", "apt", "--json", out), out)
+    res = load(run_tool("--smoke", "--mode", "train", "--stage", "apt", "--kernels", "5", "--json", out), out)
     assert res["mode"] == "train" and list(res["stages"]) == ["apt"]
     r = res["stages"]["apt"]
     check_stage(r, "apt")
+    # --kernels: one more step under torch.profiler; the families partition the busy time, the top list is
+    # the longest kernels in order, and a step does matrix products
+    k = r["kernels"]
+    positive(k, "wall_s", "busy_s")
+    assert sum(k["families_s"].values()) == pytest.approx(k["busy_s"], rel=1e-9)
+    assert k["families_s"].get("matmul", 0) > 0
+    assert len(k["top"]) == 5 and [e["seconds"] for e in k["top"]] == sorted((e["seconds"] for e in k["top"]),
+                                                                             reverse=True)
     assert "RMSprop(alpha=0.9)" in r["optimizer"]
     assert set(r["losses"]) == {"d_loss", "ar1", "g_loss"}
     assert 14 < r["flops"]["forward_equivalents"] < 18  # 4 F_G + 11 F_D, plus the frozen-D attention backward
