@@ -43,17 +43,24 @@ def apply_activation_checkpointing(blocks) -> int:
 COMPILE_RECOMPILE_LIMIT = 64
 
 
-def compile_block(block: nn.Module) -> None:
-    """torch.compile one block, with room for the variants an APT step needs (COMPILE_RECOMPILE_LIMIT)."""
+def compile_block(block: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile one block's forward, with room for the variants an APT step needs
+    (COMPILE_RECOMPILE_LIMIT). The forward, not the module's call: a call runs the module's hooks too, and
+    DeepSpeed ZeRO-3 hangs its parameter gathering and release on hooks of every block (leaf modules). Traced
+    into the compiled code, those hooks broke the graph and failed its guards on every switch of grad mode,
+    recompiling past a hundred times in a run. The hooks stay eager around the compiled forward."""
     import inspect
 
-    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # per function (recent torch)
-        block.compile(recompile_limit=COMPILE_RECOMPILE_LIMIT)
+    if getattr(block, "_apt_compiled", False):
         return
-    import torch._dynamo.config as dynamo_config
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # per function (recent torch)
+        block.forward = torch.compile(block.forward, backend=backend, recompile_limit=COMPILE_RECOMPILE_LIMIT)
+    else:
+        import torch._dynamo.config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
-    block.compile()
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+        block.forward = torch.compile(block.forward, backend=backend)
+    block._apt_compiled = True
 
 
 def check_heads(num_heads: int, dims: ParallelDims) -> None:
@@ -65,7 +72,7 @@ def check_heads(num_heads: int, dims: ParallelDims) -> None:
 
 
 def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *,
-                      activation_checkpointing: bool | str = False, compile: bool = False,
+                      activation_checkpointing: bool | str = False, compile: bool | str = False,
                       extra_blocks=()) -> nn.Module:
     """Apply tensor parallel, Ulysses sequence parallel, activation checkpointing and torch.compile.
 
@@ -73,7 +80,8 @@ def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *,
     that holds one as `.backbone` (the APT discriminator, the generator); `extra_blocks` are further
     modules to checkpoint whole. `activation_checkpointing`: False, True or 'block' (recompute every block),
     'mlp' (selective: recompute only the blocks' MLPs, keep the attention outputs). The model is changed in
-    place and returned.
+    place and returned. `compile`: True compiles each block's forward with inductor; a string names another
+    torch.compile backend (tests use 'eager', which keeps dynamo's guards and recompiles without code generation).
     """
     from megatron_apt.config.train import checkpointing
     from megatron_apt.models.mmdit import MMDiT
@@ -123,9 +131,10 @@ def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *,
         n = apply_activation_checkpointing(blocks + list(extra_blocks))
         applied.append(f"activation checkpointing ({n} blocks)")
     if compile:
+        backend = compile if isinstance(compile, str) else "inductor"
         for block in blocks:
-            compile_block(block)
-        applied.append("torch.compile per block")
+            compile_block(block, backend)
+        applied.append("torch.compile per block" + ("" if backend == "inductor" else f" (backend {backend})"))
     model._apt_parallel_dims = dims
     log.info("parallelize %s: %s", type(model).__name__, "; ".join(applied) if applied else "nothing (single rank)")
     return model
