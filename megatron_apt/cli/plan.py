@@ -32,6 +32,7 @@ import json
 import sys
 
 from megatron_apt import planning as P
+from megatron_apt.config.train import CHECKPOINT_SCOPES
 from megatron_apt.utils import cli_main
 
 # Stages without a batch in the paper (cd, flow) are planned at the video stage's 2048.
@@ -54,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, default=None, help="default: the paper's (9062 images, 2048 videos)")
     p.add_argument("--steps", type=int, default=None, help="updates, for the total time (default: the paper's)")
     p.add_argument("--no-activation-checkpointing", action="store_true")
-    p.add_argument("--checkpoint-scope", choices=["block", "mlp"], default=None,
-                   help="what activation checkpointing recomputes: whole blocks, or only their MLPs (selective)")
+    p.add_argument("--checkpoint-scope", choices=list(CHECKPOINT_SCOPES), default=None,
+                   help="what activation checkpointing recomputes: whole blocks, only their MLPs, or all but the attention kernel")
     p.add_argument("--engine", choices=["deepspeed", "torch", "pipeline"], default=None)
     p.add_argument("--optimizer", choices=["rmsprop", "adam", "adamw"], default=None)
     p.add_argument("--sample", choices=["image", "video"], default=None,

@@ -33,7 +33,7 @@ import json
 import platform
 import sys
 
-from megatron_apt.config.train import ATTENTION_BACKENDS
+from megatron_apt.config.train import ATTENTION_BACKENDS, CHECKPOINT_SCOPES
 from megatron_apt.utils import cli_main
 from megatron_apt.profiling.inference import is_rank0, log, print_inference, run_inference
 from megatron_apt.profiling.shapes import DTYPES, resolve_shapes
@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-sp-baseline", action="store_true", help="skip the 1-GPU measurement")
     t = p.add_argument_group("train")
     t.add_argument("--no-activation-checkpointing", action="store_true")
-    t.add_argument("--checkpoint-scope", choices=["block", "mlp"], default="block",
-                   help="what activation checkpointing recomputes: whole blocks, or only their MLPs (selective)")
+    t.add_argument("--checkpoint-scope", choices=list(CHECKPOINT_SCOPES), default="block",
+                   help="what activation checkpointing recomputes: whole blocks, only their MLPs, or all but the attention kernel")
     t.add_argument("--precision", choices=["autocast", "bf16"], default="autocast",
                    help="autocast: fp32 params + bf16 autocast (mixed precision); bf16: bf16 params and state")
     t.add_argument("--lr", type=float, default=3e-6)

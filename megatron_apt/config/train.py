@@ -25,12 +25,14 @@ STAGES = ("flow", "cd", "apt_image", "apt_video")
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "flash_attn", "efficient", "math")
 
 
-# What activation checkpointing recomputes (parallel.checkpoint_scope): whole blocks, or only their MLPs.
-CHECKPOINT_SCOPES = ("block", "mlp")
+# What activation checkpointing recomputes (parallel.checkpoint_scope): whole blocks, only their MLPs, or
+# everything but the attention kernel.
+CHECKPOINT_SCOPES = ("block", "mlp", "attention")
 
 
 def checkpointing(enabled, scope: str = "block"):
-    """The one value the parallel layer, the FLOP counts and the planner take: False (off), 'block' or 'mlp'.
+    """The one value the parallel layer, the FLOP counts and the planner take: False (off), 'block', 'mlp' or
+    'attention'.
     `enabled` is parallel.activation_checkpointing (a bool, or already a scope), `scope` parallel.checkpoint_scope."""
     if not enabled:
         return False
@@ -128,14 +130,15 @@ class ParallelSection:
     """Recompute activations in the backward pass instead of keeping them (see checkpoint_scope)."""
     checkpoint_scope: str = "block"
     """What activation checkpointing recomputes: 'block' (every transformer block whole: the least memory) or
-    'mlp' (selective: only each block's MLPs; attention outputs are kept, so the attention kernel, the costly
-    part at long sequences, is not run twice)."""
+    'mlp' (selective: only each block's MLPs; everything else is kept, so the attention kernel, the costly
+    part at long sequences, is not run twice) or 'attention' (selective: the whole block but its attention
+    kernel, whose output is kept: one more D-wide tensor per block than 'block', and no attention run twice)."""
     compile: bool = False
     """torch.compile each block."""
 
     @property
     def recompute(self):
-        """activation_checkpointing and checkpoint_scope as one value: False, 'block' or 'mlp'."""
+        """activation_checkpointing and checkpoint_scope as one value: False, 'block', 'mlp' or 'attention'."""
         return checkpointing(self.activation_checkpointing, self.checkpoint_scope)
 
 

@@ -276,12 +276,14 @@ def _blocks_fwd(ops):
 
 def recomputed_forward_flops(ops, activation_checkpointing) -> int:
     """Forward FLOPs run again in the backward pass: every block's (scope 'block', or True), only the blocks'
-    MLPs ('mlp'), none (False)."""
+    MLPs ('mlp'), the blocks' but their attention cores ('attention'), none (False)."""
     scope = checkpointing(activation_checkpointing)
     if not scope:
         return 0
     if scope == "mlp":
         return sum(o.forward for o in ops if o.in_blocks and "_mlp." in o.name)
+    if scope == "attention":
+        return sum(o.forward for o in ops if o.in_blocks and o.kind != "attention")
     return _blocks_fwd(ops)
 
 

@@ -21,13 +21,42 @@ def _checkpointed_forward(orig, *args, **kwargs):
     return orig(*args, **kwargs)
 
 
-def apply_activation_checkpointing(blocks) -> int:
-    """Recompute each block in the backward pass (keeps parameter names unchanged)."""
+# The attention kernels of scaled_dot_product_attention, one per backend (CPU, cuDNN, flash, memory-efficient).
+_ATTENTION_OP_NAMES = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention",
+                       "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention")
+
+
+def _attention_ops() -> frozenset:
+    return frozenset(getattr(torch.ops.aten, n).default for n in _ATTENTION_OP_NAMES if hasattr(torch.ops.aten, n))
+
+
+def _keep_attention(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy of scope 'attention': the attention kernel's outputs (its output and
+    log-sum-exp) are kept; every other op of the block is recomputed in the backward pass."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _attention_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed_forward_keep_attention(orig, *args, **kwargs):
+    if torch.is_grad_enabled():
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        return checkpoint(orig, *args, use_reentrant=False,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_attention),
+                          **kwargs)
+    return orig(*args, **kwargs)
+
+
+def apply_activation_checkpointing(blocks, keep_attention: bool = False) -> int:
+    """Recompute each block in the backward pass (keeps parameter names unchanged); with keep_attention, all
+    of it but the attention kernel, whose outputs are kept (torch's selective activation checkpointing)."""
+    wrap = _checkpointed_forward_keep_attention if keep_attention else _checkpointed_forward
     n = 0
     for block in blocks:
         if getattr(block, "_apt_checkpointed", False):
             continue
-        block.forward = functools.partial(_checkpointed_forward, block.forward)
+        block.forward = functools.partial(wrap, block.forward)
         block._apt_checkpointed = True
         n += 1
     return n
@@ -79,7 +108,8 @@ def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *,
     `dims` defaults to the layout of the initialised process groups. Works for the MMDiT and for anything
     that holds one as `.backbone` (the APT discriminator, the generator); `extra_blocks` are further
     modules to checkpoint whole. `activation_checkpointing`: False, True or 'block' (recompute every block),
-    'mlp' (selective: recompute only the blocks' MLPs, keep the attention outputs). The model is changed in
+    'mlp' (selective: recompute only the blocks' MLPs, keep the rest), 'attention' (selective: recompute the
+    blocks but their attention kernels, whose outputs are kept). The model is changed in
     place and returned. `compile`: True compiles each block's forward with inductor; a string names another
     torch.compile backend (tests use 'eager', which keeps dynamo's guards and recompiles without code generation).
     """
@@ -126,6 +156,11 @@ def parallelize_mmdit(model: nn.Module, dims: ParallelDims | None = None, *,
         mlps = [m for b in blocks for m in (b.x_mlp, b.c_mlp) if m is not None]
         apply_activation_checkpointing(mlps + list(extra_blocks))
         applied.append(f"selective activation checkpointing ({len(mlps)} MLPs of {len(blocks)} blocks"
+                       + (f", {len(extra_blocks)} extra blocks whole)" if extra_blocks else ")"))
+    elif scope == "attention":
+        n = apply_activation_checkpointing(blocks, keep_attention=True)
+        apply_activation_checkpointing(list(extra_blocks))
+        applied.append(f"selective activation checkpointing ({n} blocks recomputed but their attention kernels"
                        + (f", {len(extra_blocks)} extra blocks whole)" if extra_blocks else ")"))
     elif scope:
         n = apply_activation_checkpointing(blocks + list(extra_blocks))

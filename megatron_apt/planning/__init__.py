@@ -48,7 +48,10 @@ teacher; flow: one model):
   (`activation_checkpointing="mlp"`, the trainer's `parallel.checkpoint_scope=mlp`) every block keeps its full
   activations except the MLP's 4 D hidden before and after GELU (`MLP_HIDDEN_TP` = 8 D / tp of `ACT_TP`),
   which one MLP at a time recomputes; the recompute is the MLPs' forward FLOPs, and the tensor-parallel
-  all-reduce of each MLP output (no attention, no Ulysses all-to-all) runs again.
+  all-reduce of each MLP output (no attention, no Ulysses all-to-all) runs again. With
+  `activation_checkpointing="attention"` every block keeps its input and its attention output (D / tp per
+  token, its log-sum-exp aside) and recomputes everything else: the block's forward FLOPs but the attention
+  core's, and all of a block's communication.
   Phases are planned separately (APT: the discriminator update, with D on the fused batch [real,
   perturbed real, fake] of 3 x micro-batch samples, and the generator update, with G and a frozen D both
   keeping graphs); the peak is the largest phase.

@@ -21,6 +21,7 @@ def _act_bytes(req: PlanRequest) -> int:
 
 def _ckpt_desc(req: PlanRequest) -> str:
     return {"block": "inputs of every block", "mlp": "every block's activations but its MLP hidden",
+            "attention": "inputs and attention outputs of every block",
             False: "every block's activations"}[checkpointing(req.activation_checkpointing)]
 
 
@@ -116,6 +117,8 @@ def _pass_activations(req: PlanRequest, cfg: MMDiTConfig, sample: Sample, p: _Pa
     if scope == "mlp":  # every block keeps all but its MLP hidden; one MLP at a time is recomputed
         return (p.layers * unit * (full - MLP_HIDDEN_TP / tp), OUTSIDE_BLOCKS * unit,
                 unit * (MLP_HIDDEN_TP / tp + trans))
+    if scope == "attention":  # every block keeps its input and its attention output (heads split over tp)
+        return p.layers * unit * (1 + 1 / tp), OUTSIDE_BLOCKS * unit, unit * (full + trans)
     if scope:
         return p.layers * unit, OUTSIDE_BLOCKS * unit, unit * (full + trans)
     return p.layers * unit * full, OUTSIDE_BLOCKS * unit, unit * trans

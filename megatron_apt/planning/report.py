@@ -15,7 +15,7 @@ def _n(count: int, word: str) -> str:
 
 def _ckpt(ac) -> str:
     scope = checkpointing(ac)
-    return {"block": "on", "mlp": "on (MLPs only)", False: "off"}[scope]
+    return {"block": "on", "mlp": "on (MLPs only)", "attention": "on (all but attention)", False: "off"}[scope]
 
 
 def _gib(b: float) -> str:

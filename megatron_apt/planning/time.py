@@ -23,9 +23,11 @@ def _sum(ops, attr):
 def _comm_forwards(req: PlanRequest, p) -> tuple[float, float]:
     """(TP all-reduce, Ulysses all-to-all) forward passes' worth of block communication of pass p: 1, plus the
     recompute (a whole block again; with 'mlp' only the MLP's all-reduce, half of a block's, and no
-    all-to-all, which the attention alone does)."""
+    all-to-all, which the attention alone does; with 'attention' a whole block's, since the attention kernel's
+    inputs and the projections around it are recomputed)."""
     scope = checkpointing(req.activation_checkpointing) if p.graph else False
-    return 1 + {"block": 1.0, "mlp": 0.5, False: 0.0}[scope], 1 + (1.0 if scope == "block" else 0.0)
+    again = {"block": (1.0, 1.0), "attention": (1.0, 1.0), "mlp": (0.5, 0.0), False: (0.0, 0.0)}[scope]
+    return 1 + again[0], 1 + again[1]
 
 
 def _pass_ops(cfg: MMDiTConfig, sample: Sample, p: _Pass, dcfg):

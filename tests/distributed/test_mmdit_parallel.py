@@ -72,3 +72,27 @@ def _parity_worker(rank, world, tp, sp, video):
 def test_parallel_matches_single_rank(tp, sp, video):
     checked = run_distributed(_parity_worker, 2, tp, sp, video)
     assert checked[0] > 50
+
+
+def _keep_attention_worker(rank, world, tp, sp):
+    from megatron_apt.models import build_mmdit
+    from megatron_apt.parallel import ParallelDims, initialize_model_parallel, parallelize_mmdit
+
+    dims = ParallelDims.from_world(world, tp=tp, sp=sp)
+    initialize_model_parallel(dims)
+    ref = build_mmdit("debug", zero_init=False, seed=3)
+    block = parallelize_mmdit(copy.deepcopy(ref), dims, activation_checkpointing="block")
+    keep = parallelize_mmdit(copy.deepcopy(ref), dims, activation_checkpointing="attention")
+    inputs = _inputs(True)
+    for a, b in zip(_fwd_bwd(keep, *inputs), _fwd_bwd(block, *inputs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    grads = dict(block.named_parameters())
+    return max(float((p.grad - grads[n].grad).abs().max()) for n, p in keep.named_parameters() if p.grad is not None)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp, sp", [(2, 1), (1, 2)], ids=["tp2", "sp2"])
+def test_keeping_attention_outputs_under_tp_and_sp_gives_whole_block_checkpointings_gradients(tp, sp):
+    """checkpoint_scope=attention recomputes the tensor-parallel all-reduces and the Ulysses all-to-alls around
+    the kept attention kernel: outputs, input and parameter gradients equal whole-block checkpointing's."""
+    assert run_distributed(_keep_attention_worker, 2, tp, sp, timeout=300) == [0.0, 0.0]
