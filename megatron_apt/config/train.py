@@ -326,6 +326,19 @@ class TrainConfig:
         if self.model.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"model.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got "
                               f"{self.model.attention_backend!r}")
+        if self.parallel.recompute == "attention":
+            p = self.parallel
+            if self.model.attention_backend in ("math", "flash_attn"):
+                raise ConfigError(f"parallel.checkpoint_scope=attention keeps the outputs of PyTorch's fused attention "
+                                  f"kernels; model.attention_backend={self.model.attention_backend} runs none, so its "
+                                  "attention would be recomputed anyway (use auto, cudnn, flash or efficient)")
+            non_leaf = "the discriminator's" if self.stage.startswith("apt") else None
+            non_leaf = "every model's" if not p.zero3_leaf_blocks else non_leaf
+            if p.engine == "deepspeed" and p.zero_stage == 3 and non_leaf:
+                raise ConfigError(f"parallel.checkpoint_scope=attention does not combine with DeepSpeed ZeRO-3 where "
+                                  f"{non_leaf} blocks are not ZeRO-3 leaf modules: their parameter gathering runs "
+                                  "inside the selectively checkpointed block and differs in the recompute (use "
+                                  "checkpoint_scope=block, parallel.engine=torch or pipeline, or zero_stage < 3)")
         if self.wandb_mode not in (None, "online", "offline", "disabled"):
             raise ConfigError(f"wandb_mode must be online, offline or disabled (or null), got {self.wandb_mode!r}")
         if self.parallel.deepspeed_config and not Path(self.parallel.deepspeed_config).is_file():

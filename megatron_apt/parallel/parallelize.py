@@ -26,6 +26,7 @@ _ATTENTION_OP_NAMES = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_d
                        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention")
 
 
+@functools.cache
 def _attention_ops() -> frozenset:
     return frozenset(getattr(torch.ops.aten, n).default for n in _ATTENTION_OP_NAMES if hasattr(torch.ops.aten, n))
 
@@ -75,9 +76,12 @@ COMPILE_RECOMPILE_LIMIT = 64
 def compile_block(block: nn.Module, backend: str = "inductor") -> None:
     """torch.compile one block's forward, with room for the variants an APT step needs
     (COMPILE_RECOMPILE_LIMIT). The forward, not the module's call: a call runs the module's hooks too, and
-    DeepSpeed ZeRO-3 hangs its parameter gathering and release on hooks of every block (leaf modules). Traced
-    into the compiled code, those hooks broke the graph and failed its guards on every switch of grad mode,
-    recompiling past a hundred times in a run. The hooks stay eager around the compiled forward."""
+    DeepSpeed ZeRO-3 hangs its parameter gathering and release on hooks of every block that is a leaf module
+    (the generator's, parallel.zero3_leaf_blocks). Traced into the compiled code, those hooks broke the graph
+    and failed its guards on every switch of grad mode, recompiling past a hundred times in a run; now they
+    stay eager around the compiled forward. The discriminator's blocks are no leaves: ZeRO-3's hooks sit on
+    their sub-modules, inside the forward, and break its graph there (a fixed set of graphs, compiled in the
+    first step)."""
     import inspect
 
     if getattr(block, "_apt_compiled", False):

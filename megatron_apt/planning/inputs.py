@@ -147,7 +147,8 @@ class PlanRequest:
     steps: int | None = None
     """Updates, for the total time (None: no total)."""
     activation_checkpointing: bool | str = True
-    """False, True (= 'block': every block recomputed) or 'mlp' (only the blocks' MLPs recomputed)."""
+    """False, True (= 'block': every block recomputed), 'mlp' (only the blocks' MLPs recomputed) or 'attention'
+    (the blocks but their attention kernels recomputed)."""
     precision: str = "bf16"
     """'bf16' (DeepSpeed bf16 or torch autocast) or 'fp32'."""
     engine: str = "deepspeed"

@@ -87,12 +87,13 @@ def free(device: torch.device) -> None:
 # where one call's time goes (torch.profiler)
 # ------------------------------------------------------------------------------------------------------
 # Kernel families by name. cuBLAS / CUTLASS GEMMs are named *gemm* / nvjet* / sm90_xmma*; the attention
-# kernels are flash / fmha / cudnn SDPA (on a CPU: the aten ops of the same names).
+# kernels are flash / fmha / cudnn SDPA (on a CPU: the aten ops of the same names). Casts and copies between
+# tensors are elementwise work on both devices; "copy" is memory transfers and fills.
 _FAMILIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
     ("communication", ("nccl", "gloo", "all_gather", "reduce_scatter", "all_reduce")),
-    ("copy", ("memcpy", "memset", "aten::copy_", "aten::_to_copy", "aten::to")),
+    ("copy", ("memcpy", "memset")),  # transfers and fills; dtype casts are elementwise kernels
 )
 
 
@@ -123,7 +124,9 @@ def kernel_breakdown(fn: Callable[[], Any], device: torch.device, top: int = 15)
     kernels: dict[str, float] = {}
     for e in prof.key_averages():
         if cuda:
-            if e.device_type != DeviceType.CUDA:  # a CPU op's device time is its kernels': counted there
+            # a CPU op's device time is its kernels', counted there; a record_function range (the optimizer's
+            # step, zero_grad) appears as a device event spanning kernels counted on their own
+            if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
                 continue
             us = e.self_device_time_total
         else:

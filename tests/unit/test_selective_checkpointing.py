@@ -110,6 +110,18 @@ def test_scope_in_config_flops_and_planner():
     with pytest.raises(ValueError, match="parallel.checkpoint_scope must be 'block' or 'mlp' or 'attention'"):
         load_config(None, ["data.synthetic=true", "parallel.checkpoint_scope=mlps"])
     assert checkpointing(True) == "block" and checkpointing(True, "mlp") == "mlp" and checkpointing(False, "mlp") is False
+    # 'attention' keeps PyTorch's fused attention kernels only, and cannot hold ZeRO-3's gathering of blocks that
+    # are no leaf modules (the discriminator's) inside its region: both are refused in one line
+    base = ["data.synthetic=true", "parallel.checkpoint_scope=attention"]
+    with pytest.raises(ValueError, match="model.attention_backend=math runs none"):
+        load_config(None, base + ["parallel.engine=torch", "model.attention_backend=math"])
+    with pytest.raises(ValueError, match="the discriminator's blocks are not ZeRO-3 leaf modules"):
+        load_config(None, base + ["stage=apt_video"])
+    with pytest.raises(ValueError, match="every model's blocks are not ZeRO-3 leaf modules"):
+        load_config(None, base + ["stage=flow", "parallel.zero3_leaf_blocks=false"])
+    for ok in (["stage=apt_video", "parallel.engine=torch"], ["stage=flow"],
+               ["stage=apt_video", "parallel.activation_checkpointing=false"]):
+        load_config(None, base + ok)
     # the recompute of 'mlp' is exactly the blocks' MLP forward FLOPs
     cfg, B, Lx, Lt = "2b", 1, 4096, 512
     ops = mf.mmdit_ops(cfg, B, Lx, Lt, weights_grad=True)
