@@ -7,7 +7,7 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from megatron_apt.parallel.state import ParallelDims, current_dims
 from megatron_apt.utils import get_logger
@@ -34,15 +34,11 @@ def _attention_ops() -> frozenset:
 def _keep_attention(ctx, op, *args, **kwargs):
     """Selective checkpointing policy of scope 'attention': the attention kernel's outputs (its output and
     log-sum-exp) are kept; every other op of the block is recomputed in the backward pass."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
     return CheckpointPolicy.MUST_SAVE if op in _attention_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _checkpointed_forward_keep_attention(orig, *args, **kwargs):
     if torch.is_grad_enabled():
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
         return checkpoint(orig, *args, use_reentrant=False,
                           context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_attention),
                           **kwargs)

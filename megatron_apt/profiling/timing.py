@@ -138,7 +138,8 @@ def kernel_breakdown(fn: Callable[[], Any], device: torch.device, top: int = 15)
     busy = sum(kernels.values())
     fams: dict[str, float] = {}
     for name, s in kernels.items():
-        fams[kernel_family(name)] = fams.get(kernel_family(name), 0.0) + s
+        fam = kernel_family(name)
+        fams[fam] = fams.get(fam, 0.0) + s
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
     return {
         "wall_s": wall, "busy_s": busy, "busy_over_wall": busy / wall if wall > 0 else None,
