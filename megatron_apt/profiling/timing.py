@@ -91,6 +91,9 @@ def free(device: torch.device) -> None:
 # tensors are elementwise work on both devices; "copy" is memory transfers and fills.
 _FAMILIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    # cuDNN's convolution kernels: *fprop* / *dgrad* / *wgrad* / *implicit_gemm* / *conv* (checked before
+    # matmul: they are xmma kernels too)
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit", "winograd")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
     ("communication", ("nccl", "gloo", "all_gather", "reduce_scatter", "all_reduce")),
     ("copy", ("memcpy", "memset")),  # transfers and fills; dtype casts are elementwise kernels
@@ -107,8 +110,8 @@ def kernel_family(name: str) -> str:
 
 def kernel_breakdown(fn: Callable[[], Any], device: torch.device, top: int = 15) -> dict[str, Any]:
     """One call of `fn` under torch.profiler: its wall time, the time the device spent in kernels (their
-    self time summed; on a CPU, the aten ops' self time), that time by kernel family (matmul, attention,
-    communication, copy, elementwise and other) and the `top` kernels. busy / wall below 1 is time the device
+    self time summed; on a CPU, the aten ops' self time), that time by kernel family (attention, convolution,
+    matmul, communication, copy, elementwise and other) and the `top` kernels. busy / wall below 1 is time the device
     waited on the host: launch overhead, synchronisation, Python."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -147,3 +150,13 @@ def kernel_breakdown(fn: Callable[[], Any], device: torch.device, top: int = 15)
         "families_s": dict(sorted(fams.items(), key=lambda kv: -kv[1])),
         "top": [{"name": n[:160], "seconds": s, "family": kernel_family(n)} for n, s in ranked],
     }
+
+
+def print_kernels(k: dict[str, Any], what: str, indent: str = "  ") -> None:
+    """Print a kernel_breakdown result: busy against wall, the families, the longest kernels."""
+    print(f"{indent}{what} under torch.profiler: {k['wall_s']:.3f} s wall, {k['busy_s']:.3f} s busy "
+          f"({k['source']}; busy/wall {k['busy_over_wall']:.1%})")
+    print(f"{indent}  by family: " + ", ".join(f"{f} {s:.3f} s ({s / k['busy_s']:.0%})"
+                                             for f, s in k["families_s"].items()))
+    for e in k["top"]:
+        print(f"{indent}  {e['seconds']:8.4f} s  {e['family']:<22} {e['name'][:110]}")

@@ -14,7 +14,17 @@ from megatron_apt.config.train import checkpointing
 from megatron_apt.models import flops as mf
 from megatron_apt.profiling.builders import build_backbone, random_text
 from megatron_apt.profiling.shapes import resolve_shapes
-from megatron_apt.profiling.timing import free, kernel_breakdown, mem_peak_gib, mem_reset, mem_source, n_params, summary, time_fn
+from megatron_apt.profiling.timing import (
+    free,
+    kernel_breakdown,
+    mem_peak_gib,
+    mem_reset,
+    mem_source,
+    n_params,
+    print_kernels,
+    summary,
+    time_fn,
+)
 
 # ------------------------------------------------------------------------------------------------------
 # training steps
@@ -171,13 +181,7 @@ def print_train(res: dict[str, Any]) -> None:
         print(f"  peak memory {r['peak_mem_gib']:.2f} GiB  losses {r['losses']}"
               + ("" if r["losses_finite"] else "  (non-finite: random weights in bf16; timing is unaffected)"))
         if r.get("kernels"):
-            k = r["kernels"]
-            print(f"  one more step under torch.profiler: {k['wall_s']:.3f} s wall, {k['busy_s']:.3f} s busy "
-                  f"({k['source']}; busy/wall {k['busy_over_wall']:.1%})")
-            print("    by family: " + ", ".join(f"{f} {s:.3f} s ({s / k['busy_s']:.0%})"
-                                              for f, s in k["families_s"].items()))
-            for e in k["top"]:
-                print(f"    {e['seconds']:8.4f} s  {e['family']:<22} {e['name'][:110]}")
+            print_kernels(r["kernels"], "one more step")
         if c["compile"]:
             print(f"  graphs compiled during the timed steps (steady-state recompiles): "
                   f"{r['graphs_compiled_while_timed']}"
