@@ -205,6 +205,31 @@ class VideoVAE:
         return VideoVAE._TilingScope(self.model, on)
 
 
+def speed_up_decoder(model: torch.nn.Module, channels_last: bool = False, compile: bool = False) -> None:
+    """Settings that change how a diffusers VAE's decoder runs, not what it computes (beyond rounding).
+
+    ``channels_last``: the convolution weights in the channels-last layout (``channels_last_3d`` for the
+    Conv3d layers, ``channels_last`` for the Conv2d ones; a model-wide ``.to(memory_format=...)`` fails on
+    the VAE's 4-D norm scales). cuDNN then runs its channels-last (NDHWC) kernels and the activations
+    follow the weights' layout from the first convolution on.
+    ``compile``: ``torch.compile`` on the decoder module. The Wan decoder runs once per latent frame with a
+    cache of the previous frames' features; the first frame (empty cache), the second (a one-frame cache)
+    and the rest are separate graphs, all compiled on the first decode. Static shapes (``dynamic=False``):
+    with dynamo's automatic dynamic shapes the second decode recompiles every graph with symbolic sizes.
+    """
+    if channels_last:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            elif isinstance(m, torch.nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    if compile:
+        decoder = getattr(model, "decoder", None)
+        if decoder is None:
+            raise ValueError(f"{type(model).__name__} has no decoder module to compile")
+        decoder.compile(dynamic=False)  # in place: the module and its state-dict keys stay as they are
+
+
 def load_vae(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> VideoVAE:

@@ -51,6 +51,31 @@ def test_wan_vae_encode_normalises_with_config_mean_std(models):
         vae.encode(_video(h=12))
 
 
+def test_speed_up_decoder_changes_layout_not_results(models):
+    """channels_last puts every convolution weight in the channels-last layout (3-D and 2-D convs alike) and
+    decodes the same video; compile is in place: the module and its state-dict keys stay, the call compiles."""
+    from megatron_apt.models.vae import speed_up_decoder
+
+    vae = load_vae(models["wan"])
+    z = vae.encode(_video())
+    plain = vae.decode(z)
+    keys = list(vae.model.state_dict())
+    speed_up_decoder(vae.model, channels_last=True)
+    convs = [m for m in vae.model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d))]
+    assert any(isinstance(m, torch.nn.Conv2d) for m in convs) and any(isinstance(m, torch.nn.Conv3d) for m in convs)
+    for m in convs:
+        fmt = torch.channels_last_3d if m.weight.ndim == 5 else torch.channels_last
+        assert m.weight.is_contiguous(memory_format=fmt)
+        # a 1x1 kernel is both layouts at once; every larger one is no longer in the default layout
+        assert m.weight[0, 0].numel() == 1 or not m.weight.is_contiguous()
+    torch.testing.assert_close(vae.decode(z), plain, rtol=1e-5, atol=1e-5)
+    decoder = vae.model.decoder
+    assert decoder._compiled_call_impl is None
+    speed_up_decoder(vae.model, compile=True)
+    assert vae.model.decoder is decoder and decoder._compiled_call_impl is not None
+    assert list(vae.model.state_dict()) == keys
+
+
 def test_image_vae_encodes_frames_independently_with_scale_and_shift(models):
     vae = load_vae(models["kl"])
     assert (vae.class_name, vae.temporal_compression, vae.spatial_compression) == ("AutoencoderKL", 1, 4)
