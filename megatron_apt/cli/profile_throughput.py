@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--components", default="text,dit,vae", help="comma list of text, dit, vae")
     i.add_argument("--vae-tiling", nargs="?", const="on", default=None, choices=["off", "on", "both"],
                    help="decode tiled (on), untiled (off, default) or both (default with --smoke)")
+    i.add_argument("--vae-channels-last", action="store_true",
+                   help="the VAE's convolutions in the channels-last layout (cuDNN's NDHWC kernels)")
+    i.add_argument("--vae-compile", action="store_true", help="torch.compile the VAE's decoder")
+    i.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark: cuDNN times its convolution algorithms per shape and keeps the fastest")
     i.add_argument("--text-attn", default="sdpa", choices=["sdpa", "eager"], help="UMT5 attention implementation")
     i.add_argument("--sp", type=int, default=1, help="sequence-parallel DiT over N GPUs (run under torchrun)")
     i.add_argument("--sp-baseline-seconds", type=float, default=None,
@@ -87,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["autocast", "bf16"], default="autocast",
                    help="autocast: fp32 params + bf16 autocast (mixed precision); bf16: bf16 params and state")
     t.add_argument("--lr", type=float, default=3e-6)
-    t.add_argument("--kernels", type=int, default=0, metavar="N",
-                   help="after the timed steps, profile one more step (torch.profiler): device busy time against "
-                        "wall, time by kernel family and the N longest kernels")
+    r.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="after the timed steps (train) or calls (inference: the DiT and the VAE decode), profile one "
+                        "more (torch.profiler): device busy time against wall, time by kernel family and the N "
+                        "longest kernels")
     m = p.add_argument_group("MFU")
     m.add_argument("--peak-tflops", type=float, default=None,
                    help="datasheet peak to report MFU against (default: from the device name; 989 for H100/H200 SXM)")
@@ -180,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     from megatron_apt.models.attention import set_attention_backend
 
     try:

@@ -20,7 +20,17 @@ from megatron_apt.profiling.shapes import (
     WAN21_VAE,
     resolve_shapes,
 )
-from megatron_apt.profiling.timing import free, mem_peak_gib, mem_reset, mem_source, n_params, summary, time_fn
+from megatron_apt.profiling.timing import (
+    free,
+    kernel_breakdown,
+    mem_peak_gib,
+    mem_reset,
+    mem_source,
+    n_params,
+    print_kernels,
+    summary,
+    time_fn,
+)
 
 
 def is_rank0() -> bool:
@@ -72,7 +82,8 @@ def run_inference(args: argparse.Namespace, device: torch.device, dtype: torch.d
             "vae_dtype": str(vae_dtype), "vae_tiling": args.vae_tiling, "attn_backend": args.attn_backend,
             "compile": args.compile, "sp": sp, "components": comps, "warmup": args.warmup, "iters": args.iters,
             "text_encoder_shape": te_shape, "vae_shape": vae_shape or "AutoencoderKLWan() default (Wan2.1)",
-            "text_encoder_attn_implementation": args.text_attn,
+            "text_encoder_attn_implementation": args.text_attn, "vae_channels_last": args.vae_channels_last,
+            "vae_compile": args.vae_compile, "cudnn_benchmark": args.cudnn_benchmark, "kernels": args.kernels,
         },
         "mem_source": mem_source(device),
         "paper_table7_h100": PAPER_TABLE7_H100,
@@ -150,6 +161,8 @@ def run_inference(args: argparse.Namespace, device: torch.device, dtype: torch.d
         dit.update(mf.mfu_report(fl, s["seconds"], device, peak=args.peak_tflops * 1e12 if args.peak_tflops else None,
                                  measured_peak=args.measured_peak_tflops * 1e12, num_gpus=sp))
         dit["peak_mem_gib"] = peak
+        if args.kernels:
+            dit["kernels"] = kernel_breakdown(run_dit, device, args.kernels)  # every rank: SP's collectives
         if group is not None:
             t = torch.tensor([peak], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
@@ -167,14 +180,46 @@ def run_inference(args: argparse.Namespace, device: torch.device, dtype: torch.d
     # ---- VAE decode (rank 0 only) ----------------------------------------------------------------------
     if "vae" in comps:
         if rank0:
+            from torch._dynamo.utils import counters
+            from torch.utils.flop_counter import FlopCounterMode
+
+            from megatron_apt.models.vae import speed_up_decoder
+
             vae = build_vae(vae_shape, device, vae_dtype, args.seed)
             latent = torch.randn(B, vae.config.z_dim, T, H, W, generator=gen, device=device).to(vae_dtype)
             modes = {"off": [False], "on": [True], "both": [False, True]}[args.vae_tiling]
-            for tiled in modes:
+
+            def set_tiling(tiled: bool) -> None:
                 if tiled:
                     vae.enable_tiling(**(SMOKE_TILING if args.smoke else {}))
                 else:
                     vae.disable_tiling()
+
+            # one plain call per mode (eager, default layout): the decode's FLOPs (torch's counter: convolutions
+            # and matmuls) and the reference output the sped-up decoder is compared with
+            vae_flops, plain = {}, {}
+            for tiled in modes:
+                set_tiling(tiled)
+                with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+                    plain[tiled] = vae.decode(latent, return_dict=False)[0]
+                vae_flops[tiled] = counter.get_total_flops()
+            sped_up = args.vae_channels_last or args.vae_compile
+            fp32_ref = sped_up and vae_dtype != torch.float32
+            if fp32_ref:  # the scale of rounding: the plain decoder in fp32 (no TF32), on the same latent
+                ref, fp32 = {}, build_vae(vae_shape, device, torch.float32, args.seed)
+                tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+                for tiled in modes:
+                    if tiled:
+                        fp32.enable_tiling(**(SMOKE_TILING if args.smoke else {}))
+                    with torch.inference_mode():
+                        ref[tiled] = fp32.decode(latent.float(), return_dict=False)[0]
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+                del fp32
+                free(device)
+            speed_up_decoder(vae, channels_last=args.vae_channels_last, compile=args.vae_compile)
+            for tiled in modes:
+                set_tiling(tiled)
                 res: dict[str, torch.Tensor] = {}
 
                 def run_vae(res=res):
@@ -182,12 +227,31 @@ def run_inference(args: argparse.Namespace, device: torch.device, dtype: torch.d
                         res["video"] = vae.decode(latent, return_dict=False)[0]
 
                 mem_reset(device)
-                times = time_fn(run_vae, args.warmup, args.iters, device)
-                entry = {**summary(times), "params": n_params(vae), "tiling": tiled,
+                graphs = counters["stats"]["unique_graphs"]
+                for _ in range(args.warmup):
+                    run_vae()
+                graphs_warm = counters["stats"]["unique_graphs"]
+                times = time_fn(run_vae, 0, args.iters, device)
+                s = summary(times)
+                entry = {**s, "params": n_params(vae), "tiling": tiled, "flops": vae_flops[tiled],
+                         "tflops_per_s": vae_flops[tiled] / s["seconds"] / 1e12,
                          "peak_mem_gib": mem_peak_gib(device), "output_shape": list(res["video"].shape)}
+                if args.vae_compile:
+                    entry["graphs_compiled"] = graphs_warm - graphs
+                    entry["graphs_compiled_while_timed"] = counters["stats"]["unique_graphs"] - graphs_warm
+                if sped_up:
+                    entry["max_abs_diff_vs_plain"] = (res["video"].float() - plain[tiled].float()).abs().max().item()
+                if fp32_ref:
+                    r32 = ref[tiled].float()
+                    entry["max_abs_diff_vs_fp32"] = (res["video"].float() - r32).abs().max().item()
+                    entry["plain_max_abs_diff_vs_fp32"] = (plain[tiled].float() - r32).abs().max().item()
+                if args.kernels:
+                    entry["kernels"] = kernel_breakdown(run_vae, device, args.kernels)
                 out["vae_tiled" if tiled and len(modes) > 1 else "vae"] = entry
                 del res
-            del vae, latent
+            del vae, latent, plain
+            if fp32_ref:
+                del ref
             free(device)
         if group is not None:
             dist.barrier()
@@ -223,6 +287,19 @@ def print_inference(res: dict[str, Any]) -> None:
               f"attention), {d['tflops_per_s_per_gpu']:.1f} TFLOP/s per GPU, MFU {d['mfu_datasheet']:.1%} of "
               f"{d['peak_tflops_datasheet']:.0f} ({d['peak_source']}), {d['mfu_measured']:.1%} of the measured "
               f"{d['peak_tflops_measured']:.0f}")
+    for key, what in (("dit", "one more DiT forward"), ("vae", "one more VAE decode"),
+                      ("vae_tiled", "one more tiled VAE decode")):
+        e = res.get(key) or {}
+        if e.get("max_abs_diff_vs_plain") is not None:
+            print(f"{key}: largest difference from the plain decoder (eager, default layout): "
+                  f"{e['max_abs_diff_vs_plain']:.3g} (output in [-1, 1])"
+                  + (f"; from the plain decoder in fp32: {e['max_abs_diff_vs_fp32']:.3g}, the plain decoder's own "
+                     f"{e['plain_max_abs_diff_vs_fp32']:.3g}" if "max_abs_diff_vs_fp32" in e else ""))
+        if "graphs_compiled" in e:
+            print(f"{key}: graphs compiled in the warm-up calls {e['graphs_compiled']}, in the timed calls "
+                  f"{e['graphs_compiled_while_timed']}")
+        if e.get("kernels"):
+            print_kernels(e["kernels"], what, indent="")
     if res.get("sp"):
         s = res["sp"]
         if s.get("scaling_efficiency"):

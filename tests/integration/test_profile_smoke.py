@@ -73,7 +73,9 @@ def test_inference_smoke(tmp_path):
     assert bd["total"] == dit["flops"]
     for key in ("vae", "vae_tiled"):
         v = res[key]
-        positive(v, "seconds", "seconds_min", "params", "peak_mem_gib")
+        positive(v, "seconds", "seconds_min", "params", "peak_mem_gib", "flops", "tflops_per_s")
+        assert v["tflops_per_s"] == pytest.approx(v["flops"] / v["seconds"] / 1e12)
+        assert "max_abs_diff_vs_plain" not in v and "graphs_compiled" not in v  # nothing sped up
         times(v, cfg["iters"])
         assert v["output_shape"] == [1, 3, 5, 32, 32]
     assert res["vae"]["tiling"] is False and res["vae_tiled"]["tiling"] is True
@@ -82,6 +84,34 @@ def test_inference_smoke(tmp_path):
     assert res["paper_table7_h100"]["1"]["total"] == 6.03
     assert res["mem_source"] and res["env"]["device"] == "cpu" and res["env"]["smoke"] is True
     assert "sp" not in res
+
+
+def check_kernels(k, n, family):
+    """A kernel_breakdown: the families partition the busy time, the top list is the n longest in order."""
+    positive(k, "wall_s", "busy_s")
+    assert sum(k["families_s"].values()) == pytest.approx(k["busy_s"], rel=1e-9)
+    assert k["families_s"].get(family, 0) > 0, k["families_s"]
+    assert len(k["top"]) == n and [e["seconds"] for e in k["top"]] == sorted((e["seconds"] for e in k["top"]),
+                                                                             reverse=True)
+
+
+def test_inference_vae_speedups_and_kernels_smoke(tmp_path):
+    """--vae-channels-last in bf16: the decode is compared with the plain decoder and with an fp32 one, and
+    stays within the plain bf16 decoder's own distance from fp32 (twice it, for the tiny random model);
+    --kernels profiles one DiT forward (matmuls) and one decode (convolutions)."""
+    out = tmp_path / "vae.json"
+    res = load(run_tool("--smoke", "--mode", "inference", "--components", "dit,vae", "--vae-tiling", "off",
+                        "--dtype", "bf16", "--vae-channels-last", "--cudnn-benchmark", "--kernels", "4",
+                        "--json", out), out)
+    cfg = res["config"]
+    assert cfg["vae_channels_last"] is True and cfg["vae_compile"] is False and cfg["cudnn_benchmark"] is True
+    v = res["vae"]
+    positive(v, "flops", "max_abs_diff_vs_fp32", "plain_max_abs_diff_vs_fp32")  # bf16 is never fp32
+    assert 0 <= v["max_abs_diff_vs_plain"] <= 2 * v["plain_max_abs_diff_vs_fp32"]
+    assert v["max_abs_diff_vs_fp32"] <= 2 * v["plain_max_abs_diff_vs_fp32"]
+    assert "vae_tiled" not in res
+    check_kernels(res["dit"]["kernels"], 4, "matmul")
+    check_kernels(v["kernels"], 4, "convolution")
 
 
 STEP_FIELDS = ("step_time_s", "step_time_min_s", "samples_per_s", "flops_per_step", "hardware_flops_per_step",
@@ -114,12 +144,7 @@ def test_train_apt_smoke(tmp_path):
     check_stage(r, "apt")
     # --kernels: one more step under torch.profiler; the families partition the busy time, the top list is
     # the longest kernels in order, and a step does matrix products
-    k = r["kernels"]
-    positive(k, "wall_s", "busy_s")
-    assert sum(k["families_s"].values()) == pytest.approx(k["busy_s"], rel=1e-9)
-    assert k["families_s"].get("matmul", 0) > 0
-    assert len(k["top"]) == 5 and [e["seconds"] for e in k["top"]] == sorted((e["seconds"] for e in k["top"]),
-                                                                             reverse=True)
+    check_kernels(r["kernels"], 5, "matmul")
     assert "RMSprop(alpha=0.9)" in r["optimizer"]
     assert set(r["losses"]) == {"d_loss", "ar1", "g_loss"}
     assert 14 < r["flops"]["forward_equivalents"] < 18  # 4 F_G + 11 F_D, plus the frozen-D attention backward
