@@ -3,14 +3,19 @@
 # steps (random 2b weights, synthetic latents, bf16, activation checkpointing) through `parallel.engine=torch`,
 # `deepspeed` (ZeRO-3) and `pipeline` (pp = NGPU, megatron-core schedule), for each shape, next to the
 # profiler's prediction for the same shape (tools/profile_throughput.py --mode train, the same methods in a
-# bare loop). Prints, per shape and engine: the mean step time over the steps after the first, model TFLOP/s
+# bare loop). Prints, per shape and engine: the mean step time over the steps after the first SKIP (default 1;
+# 2 with compile: the second step compiles again where the text length changes), model TFLOP/s
 # and MFU (the trainer's own, of 989), peak memory, the first step's losses (the engines must agree up to bf16
 # rounding) and the ratio to the torch engine and to the profiler. The table goes to OUT/engines.md too.
 #
 #   bash benchmarks/gpu_pipeline_engine.sh OUT_DIR                 # both shapes, three engines, one GPU
 #   SHAPES="image" ENGINES="torch pipeline" STEPS=12 bash benchmarks/gpu_pipeline_engine.sh OUT_DIR
 #   NGPU=2 bash benchmarks/gpu_pipeline_engine.sh OUT_DIR          # two GPUs: pp=2 (dp=2 for the others)
-#   EXTRA="parallel.checkpoint_scope=mlp parallel.compile=true" bash benchmarks/gpu_pipeline_engine.sh OUT_DIR
+#   EXTRA="parallel.checkpoint_scope=attention parallel.compile=true" \
+#     PROFILE_ARGS="--checkpoint-scope attention --compile" bash benchmarks/gpu_pipeline_engine.sh OUT_DIR
+#
+# EXTRA holds trainer overrides; PROFILE_ARGS the profiler's options for the same settings (its prediction is
+# of the configuration it is given, whole-block checkpointing and no compile by default).
 #
 # Shapes (SHAPES, a space-separated subset): image = 1024px, latent [16,1,128,128] (4096 visual + 512 text
 # tokens) at micro-batch IMAGE_MB (default 4), global batch 4 x IMAGE_MB; video = 2 s 720p, latent
@@ -19,7 +24,7 @@
 # VIDEO_LATENT replace the latents (a CPU smoke run: PRESET=debug IMAGE_LATENT=[4,1,8,8] VIDEO_LATENT=[4,2,8,8]). Each run's
 # steps are timed without a final checkpoint or export (save_final=false: 2b G + D with optimizer state is ~40 GB).
 set -euo pipefail
-OUT="${1:?output folder}"; NGPU="${NGPU:-1}"; STEPS="${STEPS:-6}"; PRESET="${PRESET:-2b}"
+OUT="${1:?output folder}"; NGPU="${NGPU:-1}"; STEPS="${STEPS:-6}"; PRESET="${PRESET:-2b}"; SKIP="${SKIP:-1}"
 TEXT="${TEXT:-512}"; PREC="${PREC:-bf16}"; IMAGE_MB="${IMAGE_MB:-4}"
 mkdir -p "$OUT"
 if [[ ! -f "$OUT/ghat/config.json" ]]; then  # one random backbone as the teacher (D's start) and as G-hat (G's)
@@ -40,7 +45,8 @@ for shape in ${SHAPES:-image video}; do
   if [[ ! -f "$OUT/profile_$shape.json" ]]; then
     lat="${latent//[\[\]]/}"; lat="${lat//,/x}"
     python3 tools/profile_throughput.py --mode train --stage apt --preset "$PRESET" --latent "$lat" \
-      --text-len "$TEXT" --micro-batch "$mb" --warmup 1 --iters 3 --json "$OUT/profile_$shape.json" \
+      --text-len "$TEXT" --micro-batch "$mb" --warmup "${PROFILE_WARMUP:-1}" --iters 3 ${PROFILE_ARGS:-} \
+      --json "$OUT/profile_$shape.json" \
       > "$OUT/profile_$shape.txt" 2>&1 || { echo "profiler ($shape) failed:"; tail -n 3 "$OUT/profile_$shape.txt"; }
   fi
   COMMON=(stage=apt_image model.preset="$PRESET" "model.init=$OUT/ghat" "model.teacher=$OUT/teacher" data.synthetic=true
@@ -61,10 +67,10 @@ for shape in ${SHAPES:-image video}; do
     [[ -f "$run/metrics.jsonl" ]] && touch "$run/done"
   done
 done
-python3 - "$OUT" "${SHAPES:-image video}" "$NGPU" <<'PY'
+python3 - "$OUT" "${SHAPES:-image video}" "$NGPU" "$SKIP" <<'PY'
 import json, sys, pathlib
 import yaml
-out, shapes, ngpu = pathlib.Path(sys.argv[1]), sys.argv[2].split(), int(sys.argv[3])
+out, shapes, ngpu, skip = pathlib.Path(sys.argv[1]), sys.argv[2].split(), int(sys.argv[3]), int(sys.argv[4])
 # The profiler times one micro-batch on one GPU. A trainer step on NGPU GPUs does global / micro of them,
 # spread over the GPUs (data-parallel ranks, or pipeline stages that each run 1/NGPU of every micro-batch; the
 # pipeline's fill and drain not counted), so the prediction ("pred s") is the profiler's step x global / (micro
@@ -88,7 +94,7 @@ for shape in shapes:
         if not f.is_file():
             continue
         recs = [json.loads(l) for l in f.read_text().splitlines()]
-        later = recs[1:] or recs
+        later = recs[skip:] or recs
         def mean(k):  # None where the trainer could not compute it (MFU on a CPU: no known peak)
             vals = [r.get(k) for r in later]
             return None if None in vals else sum(vals) / len(vals)
