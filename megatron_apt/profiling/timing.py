@@ -91,9 +91,11 @@ def free(device: torch.device) -> None:
 # tensors are elementwise work on both devices; "copy" is memory transfers and fills.
 _FAMILIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
-    # cuDNN's convolution kernels: *fprop* / *dgrad* / *wgrad* / *implicit_gemm* / *conv* (checked before
-    # matmul: they are xmma kernels too)
-    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit", "winograd")),
+    # cuDNN's convolution kernels (*xmma_fprop_implicit_gemm*, *dgrad*, *wgrad*, *implicit_convolve*: checked
+    # before matmul, they are xmma kernels too) and the aten convolution ops; not "conv" alone, which would
+    # take in the convert (cast) kernels
+    ("convolution", ("convolution", "convolve", "conv1d", "conv2d", "conv3d", "slow_conv", "fprop", "dgrad",
+                     "wgrad", "winograd")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
     ("communication", ("nccl", "gloo", "all_gather", "reduce_scatter", "all_reduce")),
     ("copy", ("memcpy", "memset")),  # transfers and fills; dtype casts are elementwise kernels
