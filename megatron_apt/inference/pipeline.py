@@ -80,7 +80,7 @@ class Generator:
 
     def __init__(self, model_dir: str, *, text: str = "bytes", vae: str = "none", device="cpu",
                  dtype=torch.float32, max_text_len: int = 512, parallel_dims=None, compile: bool = False,
-                 shift: float | None = None):
+                 shift: float | None = None, vae_channels_last: bool = False, vae_compile: bool = False):
         meta, _ = read_model_dir(model_dir)
         self.kind = meta.get("kind")
         # The timestep shift of multi-step diffusion sampling: the user's, else the one the model was trained
@@ -110,14 +110,9 @@ class Generator:
             if self.vae.latent_channels != cfg.in_channels:
                 raise ValueError(f"VAE {vae} has {self.vae.latent_channels} latent channels, the model expects "
                                  f"{cfg.in_channels}")
-            if self.device.type == "cuda":
-                # Wan2.1-shape decode of 2 s 720p on one H200, bf16: 2.53 s plain, 2.35 s with cuDNN's per-shape
-                # algorithm search, 2.11 s with channels-last convolutions too, 1.32 s compiled as well; each
-                # within the plain bf16 decoder's own distance from fp32 (tools/profile_throughput.py --vae-*)
-                torch.backends.cudnn.benchmark = True
             from megatron_apt.models.vae import speed_up_decoder
 
-            speed_up_decoder(self.vae.model, channels_last=self.device.type == "cuda", compile=compile)
+            speed_up_decoder(self.vae.model, channels_last=vae_channels_last, compile=vae_compile)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         cfg = self.model.config

@@ -205,7 +205,8 @@ class VideoVAE:
         return VideoVAE._TilingScope(self.model, on)
 
 
-def speed_up_decoder(model: torch.nn.Module, channels_last: bool = False, compile: bool = False) -> None:
+def speed_up_decoder(model: torch.nn.Module, channels_last: bool = False, compile: bool = False,
+                     backend: str = "inductor") -> None:
     """Settings that change how a diffusers VAE's decoder runs, not what it computes (beyond rounding).
 
     ``channels_last``: the convolution weights in the channels-last layout (``channels_last_3d`` for the
@@ -216,6 +217,7 @@ def speed_up_decoder(model: torch.nn.Module, channels_last: bool = False, compil
     cache of the previous frames' features; the first frame (empty cache), the second (a one-frame cache)
     and the rest are separate graphs, all compiled on the first decode. Static shapes (``dynamic=False``):
     with dynamo's automatic dynamic shapes the second decode recompiles every graph with symbolic sizes.
+    ``backend``: torch.compile's (``"eager"`` traces and guards without generating code).
     """
     if channels_last:
         for m in model.modules():
@@ -227,7 +229,7 @@ def speed_up_decoder(model: torch.nn.Module, channels_last: bool = False, compil
         decoder = getattr(model, "decoder", None)
         if decoder is None:
             raise ValueError(f"{type(model).__name__} has no decoder module to compile")
-        decoder.compile(dynamic=False)  # in place: the module and its state-dict keys stay as they are
+        decoder.compile(dynamic=False, backend=backend)  # in place: the module and its state-dict keys stay as they are
 
 
 def load_vae(

@@ -63,3 +63,21 @@ def test_generate_bad_inputs(assets, tmp_path):
     assert r.returncode == 2 and "not divisible" in r.stderr
     r = _run(["--model", assets / "disc", "--prompt", "x", "--out", tmp_path / "o"])
     assert r.returncode == 2 and "'discriminator' checkpoint" in r.stderr
+
+
+def test_generator_applies_the_vae_decode_options(assets):
+    """The Generator hands its VAE options to the decoder: channels-last convolution weights when asked (what
+    tools/generate.py asks on a GPU), the default layout otherwise."""
+    import torch
+
+    from megatron_apt.inference.pipeline import Generator
+
+    def conv_weights(gen):  # the 3-D kernels larger than 1x1x1 (those are both layouts at once)
+        return [m.weight for m in gen.vae.model.modules()
+                if isinstance(m, torch.nn.Conv3d) and m.weight[0, 0].numel() > 1]
+
+    plain = Generator(str(assets / "g"), text=str(assets / "te"), vae=str(assets / "vae"))
+    fast = Generator(str(assets / "g"), text=str(assets / "te"), vae=str(assets / "vae"), vae_channels_last=True)
+    assert conv_weights(plain) and all(w.is_contiguous() for w in conv_weights(plain))
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
+               for w in conv_weights(fast))
