@@ -28,6 +28,7 @@ from megatron_apt.profiling.timing import (
     mem_source,
     n_params,
     print_kernels,
+    recompile_limit_hits,
     summary,
     time_fn,
 )
@@ -196,12 +197,13 @@ def run_inference(args: argparse.Namespace, device: torch.device, dtype: torch.d
                     vae.disable_tiling()
 
             # one plain call per mode (eager, default layout): the decode's FLOPs (torch's counter: convolutions
-            # and matmuls) and the reference output the sped-up decoder is compared with
+            # and matmuls) and the reference output the sped-up decoder is compared with (kept on the host, out
+            # of the device's peak memory)
             vae_flops, plain = {}, {}
             for tiled in modes:
                 set_tiling(tiled)
                 with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-                    plain[tiled] = vae.decode(latent, return_dict=False)[0]
+                    plain[tiled] = vae.decode(latent, return_dict=False)[0].float().cpu()
                 vae_flops[tiled] = counter.get_total_flops()
             sped_up = args.vae_channels_last or args.vae_compile
             fp32_ref = sped_up and vae_dtype != torch.float32
@@ -209,12 +211,16 @@ def run_inference(args: argparse.Namespace, device: torch.device, dtype: torch.d
                 ref, fp32 = {}, build_vae(vae_shape, device, torch.float32, args.seed)
                 tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
                 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-                for tiled in modes:
-                    if tiled:
-                        fp32.enable_tiling(**(SMOKE_TILING if args.smoke else {}))
-                    with torch.inference_mode():
-                        ref[tiled] = fp32.decode(latent.float(), return_dict=False)[0]
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+                try:
+                    for tiled in modes:
+                        if tiled:
+                            fp32.enable_tiling(**(SMOKE_TILING if args.smoke else {}))
+                        else:
+                            fp32.disable_tiling()
+                        with torch.inference_mode():
+                            ref[tiled] = fp32.decode(latent.float(), return_dict=False)[0].cpu()
+                finally:
+                    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
                 del fp32
                 free(device)
             speed_up_decoder(vae, channels_last=args.vae_channels_last, compile=args.vae_compile)
@@ -226,25 +232,31 @@ def run_inference(args: argparse.Namespace, device: torch.device, dtype: torch.d
                     with torch.inference_mode():
                         res["video"] = vae.decode(latent, return_dict=False)[0]
 
+                # the warm-up calls compile (with --vae-compile) and search cuDNN's algorithms (--cudnn-benchmark):
+                # their peak memory is reported apart from the timed calls'
                 mem_reset(device)
-                graphs = counters["stats"]["unique_graphs"]
+                graphs, limit_hits = counters["stats"]["unique_graphs"], recompile_limit_hits()
                 for _ in range(args.warmup):
                     run_vae()
-                graphs_warm = counters["stats"]["unique_graphs"]
+                graphs_warm, warm_peak = counters["stats"]["unique_graphs"], mem_peak_gib(device)
+                mem_reset(device)
                 times = time_fn(run_vae, 0, args.iters, device)
-                s = summary(times)
-                entry = {**s, "params": n_params(vae), "tiling": tiled, "flops": vae_flops[tiled],
-                         "tflops_per_s": vae_flops[tiled] / s["seconds"] / 1e12,
-                         "peak_mem_gib": mem_peak_gib(device), "output_shape": list(res["video"].shape)}
+                vs = summary(times)
+                entry = {**vs, "params": n_params(vae), "tiling": tiled, "flops": vae_flops[tiled],
+                         "tflops_per_s": vae_flops[tiled] / vs["seconds"] / 1e12,
+                         "peak_mem_gib": mem_peak_gib(device), "peak_mem_warmup_gib": warm_peak,
+                         "output_shape": list(res["video"].shape)}
                 if args.vae_compile:
                     entry["graphs_compiled"] = graphs_warm - graphs
                     entry["graphs_compiled_while_timed"] = counters["stats"]["unique_graphs"] - graphs_warm
+                    entry["recompile_limit_hit"] = recompile_limit_hits() > limit_hits  # then parts ran eagerly
                 if sped_up:
-                    entry["max_abs_diff_vs_plain"] = (res["video"].float() - plain[tiled].float()).abs().max().item()
-                if fp32_ref:
-                    r32 = ref[tiled].float()
-                    entry["max_abs_diff_vs_fp32"] = (res["video"].float() - r32).abs().max().item()
-                    entry["plain_max_abs_diff_vs_fp32"] = (plain[tiled].float() - r32).abs().max().item()
+                    video = res["video"].float().cpu()
+                    entry["max_abs_diff_vs_plain"] = (video - plain[tiled]).abs().max().item()
+                    if fp32_ref:
+                        entry["max_abs_diff_vs_fp32"] = (video - ref[tiled]).abs().max().item()
+                        entry["plain_max_abs_diff_vs_fp32"] = (plain[tiled] - ref[tiled]).abs().max().item()
+                    del video
                 if args.kernels:
                     entry["kernels"] = kernel_breakdown(run_vae, device, args.kernels)
                 out["vae_tiled" if tiled and len(modes) > 1 else "vae"] = entry
@@ -297,7 +309,9 @@ def print_inference(res: dict[str, Any]) -> None:
                      f"{e['plain_max_abs_diff_vs_fp32']:.3g}" if "max_abs_diff_vs_fp32" in e else ""))
         if "graphs_compiled" in e:
             print(f"{key}: graphs compiled in the warm-up calls {e['graphs_compiled']}, in the timed calls "
-                  f"{e['graphs_compiled_while_timed']}")
+                  f"{e['graphs_compiled_while_timed']}"
+                  + ("; dynamo hit its recompile limit: parts of the decoder ran eagerly" if e["recompile_limit_hit"]
+                     else ""))
         if e.get("kernels"):
             print_kernels(e["kernels"], what, indent="")
     if res.get("sp"):

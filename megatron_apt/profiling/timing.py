@@ -104,6 +104,8 @@ _FAMILIES = (
 
 def kernel_family(name: str) -> str:
     low = name.lower()
+    if low.startswith("triton_"):  # inductor's fused kernels, named after every op they absorb (a convolution's
+        return "elementwise and other"  # bias and activation too): the matmuls and convolutions stay extern calls
     for fam, keys in _FAMILIES:
         if any(k in low for k in keys):
             return fam
@@ -162,3 +164,10 @@ def print_kernels(k: dict[str, Any], what: str, indent: str = "  ") -> None:
                                              for f, s in k["families_s"].items()))
     for e in k["top"]:
         print(f"{indent}  {e['seconds']:8.4f} s  {e['family']:<22} {e['name'][:110]}")
+
+
+def recompile_limit_hits() -> int:
+    """How often dynamo gave up on a function past its recompile limit (it then runs it eagerly for good)."""
+    from torch._dynamo.utils import counters
+
+    return sum(n for k, n in counters["unimplemented"].items() if "recompile limit" in str(k).lower())

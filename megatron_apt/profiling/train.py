@@ -22,6 +22,7 @@ from megatron_apt.profiling.timing import (
     mem_source,
     n_params,
     print_kernels,
+    recompile_limit_hits,
     summary,
     time_fn,
 )
@@ -32,11 +33,6 @@ from megatron_apt.profiling.timing import (
 STAGE_OF = {"apt": "apt_video", "flow": "flow", "cd": "cd"}
 PRECISION = {"autocast": "bf16 autocast: fp32 parameters, gradients and optimizer state, bf16 matmuls",
              "bf16": "bf16 parameters, gradients and optimizer state (no fp32 master copy)"}
-
-
-def _recompile_limit_hits() -> int:
-    """How often dynamo gave up on a function past its recompile limit (it then runs it eagerly for good)."""
-    return sum(n for k, n in counters["unimplemented"].items() if "recompile limit" in str(k).lower())
 
 
 def run_train_stage(stage: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -114,7 +110,7 @@ def run_train_stage(stage: str, args: argparse.Namespace, device: torch.device) 
     step_no = iter(range(10**9))
 
     graphs_at_timing: list[int] = []
-    limit_hits_before = _recompile_limit_hits()
+    limit_hits_before = recompile_limit_hits()
 
     def timed_step():
         i = next(step_no)
@@ -125,7 +121,7 @@ def run_train_stage(stage: str, args: argparse.Namespace, device: torch.device) 
     mem_reset(device)
     times = time_fn(timed_step, args.warmup, args.iters, device)
     recompiles = counters["stats"]["unique_graphs"] - graphs_at_timing[0] if graphs_at_timing else None
-    limit_hit = _recompile_limit_hits() > limit_hits_before
+    limit_hit = recompile_limit_hits() > limit_hits_before
     kernels = kernel_breakdown(timed_step, device, args.kernels) if args.kernels else None
     s = summary(times)
     peak = mem_peak_gib(device)
@@ -150,7 +146,7 @@ def run_train_stage(stage: str, args: argparse.Namespace, device: torch.device) 
         "config": {"preset": args.preset, "latent": shapes["latent"], "n_visual_tokens": Lx, "text_len": L,
                    "text_valid": args.text_valid, "micro_batch": B, "activation_checkpointing": bool(ac),
                    "checkpoint_scope": ac or None,
-                   "compile": args.compile, "attn_backend": args.attn_backend, "lr": args.lr,
+                   "compile": args.compile, "cudnn_benchmark": args.cudnn_benchmark, "attn_backend": args.attn_backend, "lr": args.lr,
                    "warmup": args.warmup, "iters": args.iters, "resolution": [shapes["width"], shapes["height"]],
                    "frames": shapes["frames"], "method": type(method).__name__},
     }
