@@ -4,7 +4,7 @@
 # `deepspeed` (ZeRO-3) and `pipeline` (pp = NGPU, megatron-core schedule), for each shape, next to the
 # profiler's prediction for the same shape (tools/profile_throughput.py --mode train, the same methods in a
 # bare loop). Prints, per shape and engine: the mean step time over the steps after the first SKIP (default 1;
-# 2 with compile: the second step compiles again where the text length changes), model TFLOP/s
+# pass SKIP=2 with compile: the second step compiles again where the text length changes), model TFLOP/s
 # and MFU (the trainer's own, of 989), peak memory, the first step's losses (the engines must agree up to bf16
 # rounding) and the ratio to the torch engine and to the profiler. The table goes to OUT/engines.md too.
 #
@@ -15,7 +15,8 @@
 #     PROFILE_ARGS="--checkpoint-scope attention --compile" bash benchmarks/gpu_pipeline_engine.sh OUT_DIR
 #
 # EXTRA holds trainer overrides; PROFILE_ARGS the profiler's options for the same settings (its prediction is
-# of the configuration it is given, whole-block checkpointing and no compile by default).
+# of the configuration it is given, whole-block checkpointing and no compile by default) and PROFILE_WARMUP its
+# untimed steps (default 1; 2 with compile). A profile is reused only if it was made with the same options.
 #
 # Shapes (SHAPES, a space-separated subset): image = 1024px, latent [16,1,128,128] (4096 visual + 512 text
 # tokens) at micro-batch IMAGE_MB (default 4), global batch 4 x IMAGE_MB; video = 2 s 720p, latent
@@ -42,12 +43,15 @@ shape_args() {  # shape -> "latent micro global"
 for shape in ${SHAPES:-image video}; do
   read -r latent mb gb <<< "$(shape_args "$shape")"
   # the profiler's prediction: the same model, shape and micro-batch in a bare loop (one process, one GPU)
-  if [[ ! -f "$OUT/profile_$shape.json" ]]; then
-    lat="${latent//[\[\]]/}"; lat="${lat//,/x}"
-    python3 tools/profile_throughput.py --mode train --stage apt --preset "$PRESET" --latent "$lat" \
-      --text-len "$TEXT" --micro-batch "$mb" --warmup "${PROFILE_WARMUP:-1}" --iters 3 ${PROFILE_ARGS:-} \
-      --json "$OUT/profile_$shape.json" \
-      > "$OUT/profile_$shape.txt" 2>&1 || { echo "profiler ($shape) failed:"; tail -n 3 "$OUT/profile_$shape.txt"; }
+  lat="${latent//[\[\]]/}"; lat="${lat//,/x}"
+  pargs="--mode train --stage apt --preset $PRESET --latent $lat --text-len $TEXT --micro-batch $mb \
+--warmup ${PROFILE_WARMUP:-1} --iters 3 ${PROFILE_ARGS:-}"
+  if [[ ! -f "$OUT/profile_$shape.json" || "$(cat "$OUT/profile_$shape.args" 2>/dev/null)" != "$pargs" ]]; then
+    rm -f "$OUT/profile_$shape.json" "$OUT/profile_$shape.args"
+    # shellcheck disable=SC2086  # the options are words
+    python3 tools/profile_throughput.py $pargs --json "$OUT/profile_$shape.json" > "$OUT/profile_$shape.txt" 2>&1 \
+      && echo "$pargs" > "$OUT/profile_$shape.args" \
+      || { echo "profiler ($shape) failed:"; tail -n 3 "$OUT/profile_$shape.txt"; }
   fi
   COMMON=(stage=apt_image model.preset="$PRESET" "model.init=$OUT/ghat" "model.teacher=$OUT/teacher" data.synthetic=true
           "data.synthetic_shape=$latent" data.synthetic_text_len="$TEXT" data.synthetic_size=16 steps="$STEPS"
