@@ -284,9 +284,33 @@ class DeepSpeedEngine(TorchEngine):
     @torch.no_grad()
     def weights_finite(self) -> bool:
         zopt = self.engine.optimizer  # the fp32 masters: ZeRO-3's flat partitions, ZeRO-1/2's single partitions
-        masters = (getattr(zopt, "fp32_partitioned_groups_flat", None)
-                   or getattr(zopt, "single_partition_of_fp32_groups", None) or list(self.module.parameters()))
-        return all(bool(torch.isfinite(t).all()) for t in list(masters) + list(self.ema or []))
+        if self.zero_stage == 3 and getattr(zopt, "fp32_partitioned_groups_flat", None):
+            masks = self._parameter_elements()
+            ts = [t[m] for t, m in zip(zopt.fp32_partitioned_groups_flat, masks)]
+            ts += [e[m] for e, m in zip(self.ema or [], masks)]  # the EMA is laid out as the masters
+        else:
+            ts = list(getattr(zopt, "single_partition_of_fp32_groups", None) or self.module.parameters())
+            ts += list(self.ema or [])
+        return all(bool(torch.isfinite(t).all()) for t in ts)
+
+    def _parameter_elements(self) -> list[torch.Tensor]:
+        """For each of ZeRO-3's flat master partitions, which elements hold parameters. The last rank's
+        partition of a parameter whose size the ranks do not divide is padded to the common size, and DeepSpeed
+        leaves the padding as allocated (uninitialised: it may hold NaN or inf, which no step touches)."""
+        if getattr(self, "_param_masks", None) is None:
+            zopt = self.engine.optimizer
+            masks = []
+            for group, pads, flat in zip(zopt.fp16_groups, zopt.groups_padding, zopt.fp32_partitioned_groups_flat):
+                m = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+                sizes = [p.partition_numel() for p in group]
+                if sum(sizes) == flat.numel():  # else (parameters swapped to NVMe) every element is checked
+                    end = 0
+                    for n, pad in zip(sizes, pads):
+                        end += n
+                        m[end - pad:end] = False
+                masks.append(m)
+            self._param_masks = masks
+        return self._param_masks
 
     def set_lr(self, lr: float) -> None:
         for g in self.engine.optimizer.param_groups:
