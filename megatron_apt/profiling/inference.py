@@ -190,18 +190,18 @@ def run_inference(args: argparse.Namespace, device: torch.device, dtype: torch.d
             latent = torch.randn(B, vae.config.z_dim, T, H, W, generator=gen, device=device).to(vae_dtype)
             modes = {"off": [False], "on": [True], "both": [False, True]}[args.vae_tiling]
 
-            def set_tiling(tiled: bool) -> None:
+            def set_tiling(model, tiled: bool) -> None:
                 if tiled:
-                    vae.enable_tiling(**(SMOKE_TILING if args.smoke else {}))
+                    model.enable_tiling(**(SMOKE_TILING if args.smoke else {}))
                 else:
-                    vae.disable_tiling()
+                    model.disable_tiling()
 
             # one plain call per mode (eager, default layout): the decode's FLOPs (torch's counter: convolutions
             # and matmuls) and the reference output the sped-up decoder is compared with (kept on the host, out
             # of the device's peak memory)
             vae_flops, plain = {}, {}
             for tiled in modes:
-                set_tiling(tiled)
+                set_tiling(vae, tiled)
                 with torch.inference_mode(), FlopCounterMode(display=False) as counter:
                     plain[tiled] = vae.decode(latent, return_dict=False)[0].float().cpu()
                 vae_flops[tiled] = counter.get_total_flops()
@@ -213,10 +213,7 @@ def run_inference(args: argparse.Namespace, device: torch.device, dtype: torch.d
                 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
                 try:
                     for tiled in modes:
-                        if tiled:
-                            fp32.enable_tiling(**(SMOKE_TILING if args.smoke else {}))
-                        else:
-                            fp32.disable_tiling()
+                        set_tiling(fp32, tiled)
                         with torch.inference_mode():
                             ref[tiled] = fp32.decode(latent.float(), return_dict=False)[0].cpu()
                 finally:
@@ -225,7 +222,7 @@ def run_inference(args: argparse.Namespace, device: torch.device, dtype: torch.d
                 free(device)
             speed_up_decoder(vae, channels_last=args.vae_channels_last, compile=args.vae_compile)
             for tiled in modes:
-                set_tiling(tiled)
+                set_tiling(vae, tiled)
                 res: dict[str, torch.Tensor] = {}
 
                 def run_vae(res=res):

@@ -253,6 +253,7 @@ class DeepSpeedEngine(TorchEngine):
                                                  mpu=mpu, dist_init_required=False)
         self.engine = engine
         self.zero_stage = zero_stage
+        self._param_masks: list[torch.Tensor] | None = None  # built on first use (_parameter_elements)
         super().__init__(engine.module, opt, grad_clip, precision, group=None)
 
     def __call__(self, *args, **kwargs):
@@ -297,7 +298,7 @@ class DeepSpeedEngine(TorchEngine):
         """For each of ZeRO-3's flat master partitions, which elements hold parameters. The last rank's
         partition of a parameter whose size the ranks do not divide is padded to the common size, and DeepSpeed
         leaves the padding as allocated (uninitialised: it may hold NaN or inf, which no step touches)."""
-        if getattr(self, "_param_masks", None) is None:
+        if self._param_masks is None:
             zopt = self.engine.optimizer
             masks = []
             for group, pads, flat in zip(zopt.fp16_groups, zopt.groups_padding, zopt.fp32_partitioned_groups_flat):
