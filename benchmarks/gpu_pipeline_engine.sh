@@ -18,6 +18,10 @@
 # of the configuration it is given, whole-block checkpointing and no compile by default) and PROFILE_WARMUP its
 # untimed steps (default 1; 2 with compile). A profile is reused only if it was made with the same options.
 #
+# Captions: every synthetic caption is TEXT (default 512) tokens, as in the profiler's step (TEXT_FIXED=true, the
+# default since the fourth GPU session); TEXT_FIXED=false draws each caption's length from 1..TEXT (padding masks,
+# another text size per micro-batch, so a compiled trainer compiles more sizes than the profiler).
+#
 # Shapes (SHAPES, a space-separated subset): image = 1024px, latent [16,1,128,128] (4096 visual + 512 text
 # tokens) at micro-batch IMAGE_MB (default 4), global batch 4 x IMAGE_MB; video = 2 s 720p, latent
 # [16,13,90,160] (46,800 visual tokens) at micro-batch 1, global batch 1. A finished (shape, engine) run is
@@ -26,7 +30,7 @@
 # steps are timed without a final checkpoint or export (save_final=false: 2b G + D with optimizer state is ~40 GB).
 set -euo pipefail
 OUT="${1:?output folder}"; NGPU="${NGPU:-1}"; STEPS="${STEPS:-6}"; PRESET="${PRESET:-2b}"; SKIP="${SKIP:-1}"
-TEXT="${TEXT:-512}"; PREC="${PREC:-bf16}"; IMAGE_MB="${IMAGE_MB:-4}"
+TEXT="${TEXT:-512}"; TEXT_FIXED="${TEXT_FIXED:-true}"; PREC="${PREC:-bf16}"; IMAGE_MB="${IMAGE_MB:-4}"
 mkdir -p "$OUT"
 if [[ ! -f "$OUT/ghat/config.json" ]]; then  # one random backbone as the teacher (D's start) and as G-hat (G's)
   python3 -c "from megatron_apt.models import build_mmdit; from megatron_apt.checkpoint.model_dir import save_mmdit
@@ -54,7 +58,7 @@ for shape in ${SHAPES:-image video}; do
       || { echo "profiler ($shape) failed:"; tail -n 3 "$OUT/profile_$shape.txt"; }
   fi
   COMMON=(stage=apt_image model.preset="$PRESET" "model.init=$OUT/ghat" "model.teacher=$OUT/teacher" data.synthetic=true
-          "data.synthetic_shape=$latent" data.synthetic_text_len="$TEXT" data.synthetic_size=16 steps="$STEPS"
+          "data.synthetic_shape=$latent" data.synthetic_text_len="$TEXT" data.synthetic_fixed_text_len="$TEXT_FIXED" data.synthetic_size=16 steps="$STEPS"
           global_batch="$gb" micro_batch="$mb" precision="$PREC" parallel.activation_checkpointing=true log_every=1
           save_every=0 save_final=false)
   for eng in ${ENGINES:-torch deepspeed pipeline}; do

@@ -74,7 +74,11 @@ class DataSection:
     synthetic_shape: list[int] = field(default_factory=lambda: [4, 1, 8, 8])
     """[C, T, H, W] of synthetic latents."""
     synthetic_text_len: int = 8
-    """Text tokens per synthetic sample."""
+    """Text tokens per synthetic sample: the longest caption (lengths are drawn from 1..synthetic_text_len), or
+    every caption's length with synthetic_fixed_text_len."""
+    synthetic_fixed_text_len: bool = False
+    """Every synthetic caption is exactly synthetic_text_len tokens: no padding mask and one text length, as the
+    profiler's step (throughput runs that compare with it; a compiled step then compiles one text size)."""
     synthetic_size: int = 64
     """Samples in the synthetic set."""
     latent_scale: float = 1.0

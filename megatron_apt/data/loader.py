@@ -13,8 +13,9 @@ from megatron_apt.models.text_encoder import TokenEmbedder
 class SyntheticData:
     """Deterministic random latents and text (tests, throughput runs)."""
 
-    def __init__(self, shape, text_len: int, text_dim: int, size: int, seed: int):
+    def __init__(self, shape, text_len: int, text_dim: int, size: int, seed: int, fixed_text_len: bool = False):
         self.shape, self.text_len, self.text_dim, self.size, self.seed = tuple(shape), text_len, text_dim, size, seed
+        self.fixed_text_len = fixed_text_len
 
     def __len__(self):
         return self.size
@@ -27,7 +28,9 @@ class SyntheticData:
         # a low-frequency signal plus a little noise, so that models have something to learn
         base = torch.randn(self.shape[0], 1, 1, 1, generator=g)
         x = base + 0.3 * torch.randn(self.shape, generator=g)
-        n = 1 + int(torch.randint(0, self.text_len, (1,), generator=g))
+        n = 1 + int(torch.randint(0, self.text_len, (1,), generator=g))  # drawn either way: same latents, same stream
+        if self.fixed_text_len:
+            n = self.text_len
         text = torch.randn(n, self.text_dim, generator=g)
         return {"x": x, "text": text}
 

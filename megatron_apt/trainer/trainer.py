@@ -104,7 +104,7 @@ class Trainer:
         text_dim = self._model_config().text_dim
         if c.data.synthetic:
             return SyntheticData(c.data.synthetic_shape, c.data.synthetic_text_len, text_dim, c.data.synthetic_size,
-                                 c.seed)
+                                 c.seed, fixed_text_len=c.data.synthetic_fixed_text_len)
         from megatron_apt.data.indexed import is_complete
 
         for prefix in str(c.data.path).split(","):

@@ -121,3 +121,21 @@ def test_learning_rate_schedule():
     assert Trainer.lr_at(t, 3e-6) == 3e-6
     with pytest.raises(ValueError, match="schedule"):
         load_config(None, ["data.synthetic=true", "optim.schedule=linear"])
+
+
+def test_synthetic_captions_random_or_fixed_length():
+    """data.synthetic_fixed_text_len gives every caption synthetic_text_len tokens (no padding mask, one text size
+    for a compiled step); by default lengths vary. The latents are the same either way."""
+    import torch
+
+    from megatron_apt.data.loader import SyntheticData, collate
+
+    cfg = load_config(None, ["data.synthetic=true", "data.synthetic_fixed_text_len=true", "data.synthetic_text_len=9"])
+    assert cfg.data.synthetic_fixed_text_len is True
+    varied, fixed = SyntheticData([4, 1, 8, 8], 9, 16, 8, 0), SyntheticData([4, 1, 8, 8], 9, 16, 8, 0, fixed_text_len=True)
+    assert len({varied.get(i)["text"].shape[0] for i in range(8)}) > 1
+    assert {fixed.get(i)["text"].shape[0] for i in range(8)} == {9}
+    for i in range(8):
+        assert torch.equal(varied.get(i)["x"], fixed.get(i)["x"])
+    batch = collate([fixed.get(i) for i in range(4)], "cpu")
+    assert bool(batch["text_mask"].all()) and batch["text"].shape == (4, 9, 16)
