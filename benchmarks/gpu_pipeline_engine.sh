@@ -4,7 +4,7 @@
 # `deepspeed` (ZeRO-3) and `pipeline` (pp = NGPU, megatron-core schedule), for each shape, next to the
 # profiler's prediction for the same shape (tools/profile_throughput.py --mode train, the same methods in a
 # bare loop). Prints, per shape and engine: the mean step time over the steps after the first SKIP (default 1;
-# pass SKIP=2 with compile: the second step compiles again where the text length changes), model TFLOP/s
+# pass SKIP=2 with compile and TEXT_FIXED=false: the second step compiles again where the text length changes), model TFLOP/s
 # and MFU (the trainer's own, of 989), peak memory, the first step's losses (the engines must agree up to bf16
 # rounding) and the ratio to the torch engine and to the profiler. The table goes to OUT/engines.md too.
 #
@@ -25,7 +25,8 @@
 # Shapes (SHAPES, a space-separated subset): image = 1024px, latent [16,1,128,128] (4096 visual + 512 text
 # tokens) at micro-batch IMAGE_MB (default 4), global batch 4 x IMAGE_MB; video = 2 s 720p, latent
 # [16,13,90,160] (46,800 visual tokens) at micro-batch 1, global batch 1. A finished (shape, engine) run is
-# skipped when the command is run again, so the table can be filled over several commands. IMAGE_LATENT and
+# skipped when the command is run again, so the table can be filled over several commands (whatever EXTRA or
+# TEXT_FIXED were then: give a fresh OUT to change them). IMAGE_LATENT and
 # VIDEO_LATENT replace the latents (a CPU smoke run: PRESET=debug IMAGE_LATENT=[4,1,8,8] VIDEO_LATENT=[4,2,8,8]). Each run's
 # steps are timed without a final checkpoint or export (save_final=false: 2b G + D with optimizer state is ~40 GB).
 set -euo pipefail
@@ -58,7 +59,8 @@ for shape in ${SHAPES:-image video}; do
       || { echo "profiler ($shape) failed:"; tail -n 3 "$OUT/profile_$shape.txt"; }
   fi
   COMMON=(stage=apt_image model.preset="$PRESET" "model.init=$OUT/ghat" "model.teacher=$OUT/teacher" data.synthetic=true
-          "data.synthetic_shape=$latent" data.synthetic_text_len="$TEXT" data.synthetic_fixed_text_len="$TEXT_FIXED" data.synthetic_size=16 steps="$STEPS"
+          "data.synthetic_shape=$latent" data.synthetic_text_len="$TEXT" data.synthetic_fixed_text_len="$TEXT_FIXED"
+          data.synthetic_size=16 steps="$STEPS"
           global_batch="$gb" micro_batch="$mb" precision="$PREC" parallel.activation_checkpointing=true log_every=1
           save_every=0 save_final=false)
   for eng in ${ENGINES:-torch deepspeed pipeline}; do

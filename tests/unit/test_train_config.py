@@ -139,3 +139,9 @@ def test_synthetic_captions_random_or_fixed_length():
         assert torch.equal(varied.get(i)["x"], fixed.get(i)["x"])
     batch = collate([fixed.get(i) for i in range(4)], "cpu")
     assert bool(batch["text_mask"].all()) and batch["text"].shape == (4, 9, 16)
+    # the trainer builds its synthetic set from the config field (its data builder reads only the config)
+    from megatron_apt.trainer.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = cfg
+    assert {trainer._build_data().get(i)["text"].shape[0] for i in range(8)} == {9}
