@@ -20,6 +20,11 @@ COMMON = ["data.synthetic=true", "data.synthetic_shape=[4,1,8,8]", "data.synthet
           "parallel.activation_checkpointing=false", "optim.lr=1e-3"]
 STAGES = {"flow": ["stage=flow"], "cd": ["stage=cd", "cd.num_steps=4"], "apt_image": ["stage=apt_image"]}
 ENGINES = ("torch", "deepspeed", "pipeline")
+# Another CPU's vector kernels change the last bits of fp32 sums, and the first RMSProp updates (close to
+# lr x sign(gradient)) carry such differences on: on a later machine the third step's gradient norms and losses
+# were up to 5e-5 relative from the recorded ones (every engine alike), where 1e-5 had held before. A change of
+# what training computes moves these numbers by far more (a wrong loss term or update: 1e-3 and up).
+REL_TOL = 1e-4
 KEYS = ("loss", "d_loss", "g_loss", "ar1", "logit_gap", "grad_norm", "d_grad_norm", "g_grad_norm")
 
 
@@ -52,7 +57,7 @@ def test_losses_match_the_recorded_reference(tmp_path):
         for s, (g, w) in enumerate(zip(got[run], steps)):
             assert g.keys() == w.keys(), (run, s)
             for k in w:  # fp32 on the CPU; the tolerance only absorbs a different CPU's vector kernels
-                assert math.isclose(g[k], w[k], rel_tol=1e-5, abs_tol=1e-7), (run, s + 1, k, g[k], w[k])
+                assert math.isclose(g[k], w[k], rel_tol=REL_TOL, abs_tol=1e-7), (run, s + 1, k, g[k], w[k])
 
 
 if __name__ == "__main__":
