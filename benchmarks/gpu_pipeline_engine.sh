@@ -4,9 +4,9 @@
 # `deepspeed` (ZeRO-3) and `pipeline` (pp = NGPU, megatron-core schedule), for each shape, next to the
 # profiler's prediction for the same shape (tools/profile_throughput.py --mode train, the same methods in a
 # bare loop). Prints, per shape and engine: the mean step time over the steps after the first SKIP (default 1;
-# pass SKIP=2 with compile and TEXT_FIXED=false: the second step compiles again where the text length changes), model TFLOP/s
-# and MFU (the trainer's own, of 989), peak memory, the first step's losses (the engines must agree up to bf16
-# rounding) and the ratio to the torch engine and to the profiler. The table goes to OUT/engines.md too.
+# pass SKIP=2 with compile and TEXT_FIXED=false: the second step compiles again where the text length
+# changes), model TFLOP/s and MFU (the trainer's own, of 989), peak memory, the first step's losses (the
+# engines must agree up to bf16 rounding) and the ratio to the torch engine and to the profiler. The table goes to OUT/engines.md too.
 #
 #   bash benchmarks/gpu_pipeline_engine.sh OUT_DIR                 # both shapes, three engines, one GPU
 #   SHAPES="image" ENGINES="torch pipeline" STEPS=12 bash benchmarks/gpu_pipeline_engine.sh OUT_DIR

@@ -28,9 +28,7 @@ class SyntheticData:
         # a low-frequency signal plus a little noise, so that models have something to learn
         base = torch.randn(self.shape[0], 1, 1, 1, generator=g)
         x = base + 0.3 * torch.randn(self.shape, generator=g)
-        n = 1 + int(torch.randint(0, self.text_len, (1,), generator=g))  # drawn either way: same latents, same stream
-        if self.fixed_text_len:
-            n = self.text_len
+        n = self.text_len if self.fixed_text_len else 1 + int(torch.randint(0, self.text_len, (1,), generator=g))
         text = torch.randn(n, self.text_dim, generator=g)
         return {"x": x, "text": text}
 
